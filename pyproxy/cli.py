@@ -1,0 +1,143 @@
+"""`pyproxy`: the command line. Parses flags, sets up logging, and picks the mode.
+
+- `--dry-run`: print, per IP family, the iptables-restore input this node would get; touch nothing.
+- `--state FILE --once`: program the rules for the state in FILE into this network namespace.
+- `--cleanup`: remove every rule and chain pyproxy created.
+- otherwise: run as the node agent against the API server (see controller.py).
+
+Exit codes: 0 success, 1 runtime failure (unreadable state, kernel error), 2 bad flags.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from pyproxy import log
+from pyproxy.errors import ConfigError, KernelError, PyproxyError, StateFileError
+from pyproxy.iptables.kernelview import KernelView, cleanup_document
+from pyproxy.iptables.proxier import IptablesProxier
+from pyproxy.iptables.render import jump_rules, render_ruleset
+from pyproxy.iptables.restore import Iptables, detect_backend
+from pyproxy.model import ClusterState, IPFamily
+from pyproxy.options import ProxyOptions, parse_options, proxier_configs
+from pyproxy.proxystate import ProxierConfig, desired_state
+
+logger = structlog.get_logger("pyproxy")
+
+
+def _load_state(options: ProxyOptions) -> ClusterState:
+    from pathlib import Path
+
+    from pyproxy.sources.statefile import load_state
+
+    assert options.state is not None
+    cluster, problems = load_state(Path(options.state))
+    for problem in problems:
+        logger.warning(
+            "skipping invalid object",
+            kind=problem.kind,
+            object=f"{problem.namespace}/{problem.name}" if problem.namespace else problem.name,
+            field=problem.field,
+            reason=problem.reason,
+        )
+    return cluster
+
+
+def _configs(options: ProxyOptions, cluster: ClusterState) -> tuple[ProxierConfig, ...]:
+    node = cluster.nodes.get(options.node_name)
+    host_ips: tuple[object, ...] = ()
+    if not options.node_ips and (node is None or not node.addresses):
+        from pyproxy.hostnet import host_addresses
+
+        host_ips = host_addresses()
+    return proxier_configs(options, node, host_ips)  # type: ignore[arg-type]
+
+
+def dry_run(options: ProxyOptions, cluster: ClusterState) -> str:
+    """The text --dry-run prints: per family, the restore input for a node with no rules yet."""
+    out = []
+    for config in _configs(options, cluster):
+        states = desired_state(cluster, config)
+        ruleset = render_ruleset((p for ports in states.values() for p in ports), config)
+        out.append(f"# ip-family: {config.family.value}\n")
+        out.append(ruleset.document(hooks=jump_rules(config)))
+    return "".join(out)
+
+
+def sync_once(options: ProxyOptions, cluster: ClusterState) -> None:
+    backend = detect_backend(options.iptables_backend)
+    for config in _configs(options, cluster):
+        proxier = IptablesProxier(config, Iptables(config.family, backend))
+        result = proxier.sync(desired_state(cluster, config))
+        logger.info(
+            "synced",
+            ip_family=config.family.value,
+            backend=backend,
+            full=result.full,
+            services=result.services_written,
+            filter_rules=result.filter_rules,
+            nat_rules=result.nat_rules,
+            restore_bytes=result.restore_bytes,
+        )
+
+
+def cleanup(options: ProxyOptions) -> None:
+    backend = detect_backend(options.iptables_backend)
+    for family in IPFamily:
+        iptables = Iptables(family, backend)
+        # Every hook pyproxy may have installed, whatever flags it ran with.
+        hooks = jump_rules(ProxierConfig(family=family, node_name="", localhost_nodeports=True))
+        document = cleanup_document(KernelView.from_save(iptables.save(("filter", "nat", "mangle"))), hooks)
+        if document:
+            iptables.restore(document)
+        logger.info("cleaned up", ip_family=family.value, backend=backend, changed=bool(document))
+
+
+def run(options: ProxyOptions) -> int:
+    if options.cleanup:
+        cleanup(options)
+        return 0
+    if options.proxy_mode != "iptables":
+        raise ConfigError(f"--proxy-mode {options.proxy_mode} is not implemented yet")
+    if options.state is None:
+        raise ConfigError("pass --state FILE (running against the API server is not built yet)")
+    cluster = _load_state(options)
+    if options.dry_run:
+        sys.stdout.write(dry_run(options, cluster))
+        return 0
+    sync_once(options, cluster)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        options = parse_options(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        print(f"pyproxy: {err}", file=sys.stderr)
+        return 2
+    log.configure(options.verbosity)
+    try:
+        return run(options)
+    except ConfigError as err:
+        logger.error("bad configuration", error=str(err))
+        return 2
+    except StateFileError as err:
+        logger.error("cannot load state; nothing was programmed", error=str(err))
+        return 1
+    except KernelError as err:
+        logger.error(
+            "kernel update failed",
+            error=str(err),
+            offending_lines=list(getattr(err, "offending_lines", ())),
+        )
+        return 1
+    except PyproxyError as err:
+        logger.error("failed", error=str(err))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

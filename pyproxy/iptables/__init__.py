@@ -1,0 +1,1 @@
+"""iptables mode: rendering (pure), tracing (pure) and the iptables-restore adapter (shell)."""

@@ -1,0 +1,136 @@
+"""The node-local desired state: what one IP family's proxier on this node must implement.
+
+`ProxierConfig` holds the per-family facts about this node and the flags that shape rules
+(node IPs, zone, local-traffic detection, masquerade settings, nodeport addresses). From it and
+the cluster state, `service_state` computes, per Service, each service port with its endpoints
+already categorized by the endpoint policy. Renderers take only this, so every backend and
+`pyproxy explain` agree on what "this node would use" means.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from pyproxy.model import (
+    ClusterState,
+    EndpointSlice,
+    IPAddress,
+    IPFamily,
+    IPNetwork,
+    NamespacedName,
+    Service,
+)
+from pyproxy.policy import CategorizedEndpoints, categorize_endpoints
+from pyproxy.serviceport import (
+    EndpointInfo,
+    ServicePortInfo,
+    endpoints_for_family,
+    service_ports_for_family,
+)
+
+#: Upstream's largeClusterEndpointsThreshold: above this many endpoints, comments are dropped.
+LARGE_CLUSTER_ENDPOINTS_THRESHOLD = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ProxierConfig:
+    """Everything about this node and the flags that one family's rules depend on."""
+
+    family: IPFamily
+    node_name: str
+    #: This family's addresses of this node; the first one is the primary node IP.
+    node_ips: tuple[IPAddress, ...] = ()
+    zone: str | None = None
+    #: `--cluster-cidr` of this family (ClusterCIDR local-traffic detection), or None.
+    cluster_cidr: IPNetwork | None = None
+    masquerade_all: bool = False
+    masquerade_bit: int = 14
+    #: `--iptables-localhost-nodeports`, already forced off where it cannot apply.
+    localhost_nodeports: bool = True
+    #: `--nodeport-addresses` of this family; empty means every local address.
+    nodeport_addresses: tuple[IPNetwork, ...] = ()
+    #: The PreferSameTrafficDistribution feature gate (node hints).
+    prefer_same_node: bool = False
+    #: `nf_conntrack_tcp_be_liberal` was set on the host (drops the INVALID rule).
+    conntrack_tcp_be_liberal: bool = False
+
+    @property
+    def primary_node_ip(self) -> IPAddress | None:
+        return self.node_ips[0] if self.node_ips else None
+
+    @property
+    def masquerade_mark(self) -> str:
+        return f"{1 << self.masquerade_bit:#x}"
+
+    @property
+    def nodeport_ips(self) -> tuple[IPAddress, ...] | None:
+        """Node IPs NodePorts answer on, or None for "every local address"."""
+        if not self.nodeport_addresses or any(n.prefixlen == 0 for n in self.nodeport_addresses):
+            return None
+        # The loopback interface is a local interface too; the renderer decides if it may be used.
+        loopback = ipaddress.ip_address("127.0.0.1" if self.family is IPFamily.IPv4 else "::1")
+        candidates = (loopback, *self.node_ips)
+        return tuple(
+            ip for ip in candidates if any(ip in net for net in self.nodeport_addresses)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePortState:
+    """One service port with its endpoints and how this node would use them."""
+
+    info: ServicePortInfo
+    endpoints: tuple[EndpointInfo, ...]
+    categorized: CategorizedEndpoints
+
+
+def service_state(
+    service: Service, slices: Iterable[EndpointSlice], config: ProxierConfig
+) -> tuple[ServicePortState, ...]:
+    """Every service port of `service` in `config.family`, endpoints categorized."""
+    ports = service_ports_for_family(service, config.family)
+    if not ports:
+        return ()
+    endpoints = endpoints_for_family(slices, config.family, config.node_name)
+    result = []
+    for info in ports:
+        eps = endpoints.get(info.name, ())
+        categorized = categorize_endpoints(
+            eps,
+            info,
+            node_name=config.node_name,
+            zone=config.zone,
+            prefer_same_node=config.prefer_same_node,
+        )
+        result.append(ServicePortState(info, eps, categorized))
+    return tuple(result)
+
+
+def slices_by_service(
+    slices: Iterable[EndpointSlice],
+) -> dict[NamespacedName, list[EndpointSlice]]:
+    grouped: dict[NamespacedName, list[EndpointSlice]] = defaultdict(list)
+    for endpoint_slice in slices:
+        grouped[endpoint_slice.service].append(endpoint_slice)
+    return grouped
+
+
+def desired_state(
+    cluster: ClusterState, config: ProxierConfig
+) -> dict[NamespacedName, tuple[ServicePortState, ...]]:
+    """The whole family's desired state, Service by Service."""
+    grouped = slices_by_service(cluster.endpoint_slices.values())
+    states = {}
+    for name, service in cluster.services.items():
+        ports = service_state(service, grouped.get(name, ()), config)
+        if ports:
+            states[name] = ports
+    return states
+
+
+def count_endpoints(states: Mapping[NamespacedName, tuple[ServicePortState, ...]]) -> int:
+    """Upstream's totalEndpoints: endpoints of every existing service port, this family."""
+    return sum(len(port.endpoints) for ports in states.values() for port in ports)

@@ -1,0 +1,1 @@
+"""Where the cluster state comes from: a state file, or the Kubernetes API."""
