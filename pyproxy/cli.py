@@ -10,12 +10,13 @@ Exit codes: 0 success, 1 runtime failure (unreadable state, kernel error), 2 bad
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 
 import structlog
 
-from pyproxy import log
+from pyproxy import log, sysctl
 from pyproxy.errors import ConfigError, KernelError, PyproxyError, StateFileError
 from pyproxy.iptables.kernelview import KernelView, cleanup_document
 from pyproxy.iptables.proxier import IptablesProxier
@@ -67,9 +68,16 @@ def dry_run(options: ProxyOptions, cluster: ClusterState) -> str:
     return "".join(out)
 
 
+def prepare_kernel(config: ProxierConfig) -> ProxierConfig:
+    """Set the sysctls the rules need; returns the config adjusted to what the host has."""
+    if config.localhost_nodeports and sysctl.ensure("net.ipv4.conf.all.route_localnet", "1"):
+        logger.info("set route_localnet=1 for localhost NodePorts (--iptables-localhost-nodeports)")
+    return dataclasses.replace(config, conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal())
+
+
 def sync_once(options: ProxyOptions, cluster: ClusterState) -> None:
     backend = detect_backend(options.iptables_backend)
-    for config in _configs(options, cluster):
+    for config in map(prepare_kernel, _configs(options, cluster)):
         proxier = IptablesProxier(config, Iptables(config.family, backend))
         result = proxier.sync(desired_state(cluster, config))
         logger.info(

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine (what CI runs): setup, static checks, then every tier.
+#
+#   hack/test.sh [extra pytest args...]
+#
+# 1. hack/setup.sh: Debian packages and the venv.
+# 2. hack/build-control-plane.sh: kube-apiserver, kube-controller-manager, kube-proxy and etcd,
+#    built once per machine from the Go module proxy, cached outside the repo.
+# 3. hack/vm.sh setup: the Debian kernel with ip_vs, qemu and virtme-ng for the IPVS tests.
+# 4. Static checks: ruff, mypy (strict), import-linter (the pure core imports no shell), shellcheck.
+# 5. pytest: unit, kernel (root, real iptables in network namespaces), integration (real
+#    apiserver + etcd), then the vm tier inside the VM. Nothing is skipped: a missing
+#    prerequisite is a failure.
+set -euo pipefail
+# shellcheck source=hack/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+need_root
+cd "$REPO_ROOT"
+start=$(now)
+
+log "== setup"
+hack/setup.sh
+log "== control plane (cached after the first build)"
+hack/build-control-plane.sh
+log "== IPVS test VM (cached after the first setup)"
+hack/vm.sh setup
+
+log "== static checks"
+"$VENV/bin/ruff" check pyproxy tests hack
+"$VENV/bin/python" -m mypy
+"$VENV/bin/lint-imports"
+shellcheck -x hack/*.sh .ci/run
+
+log "== pytest: unit, kernel, integration"
+"$VENV/bin/python" -m pytest -m "not vm" -p no:cacheprovider "$@"
+
+log "== pytest: vm tier (IPVS) inside the VM"
+hack/vm.sh run -- "$VENV/bin/python" -m pytest tests/vm -m vm -p no:cacheprovider "$@"
+
+log "all tests passed in $(elapsed "$start") s"
