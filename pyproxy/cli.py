@@ -11,7 +11,9 @@ Exit codes: 0 success, 1 runtime failure (unreadable state, kernel error), 2 bad
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 import structlog
@@ -104,6 +106,35 @@ def cleanup(options: ProxyOptions) -> None:
         logger.info("cleaned up", ip_family=family.value, backend=backend, changed=bool(document))
 
 
+def run_controller(options: ProxyOptions) -> int:
+    """The node agent: until SIGTERM/SIGINT, then exit 0 leaving the rules in place."""
+    from pyproxy.conntrack import ConntrackCleaner
+    from pyproxy.controller import Controller
+    from pyproxy.hostnet import host_addresses
+    from pyproxy.sources.kube import KubeSource
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("signal received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    backend = detect_backend(options.iptables_backend)
+    controller = Controller(
+        options,
+        backend=backend,
+        source_factory=lambda c: KubeSource(options.kubeconfig, options.node_name, c),
+        host_addresses=host_addresses,
+        conntrack=ConntrackCleaner(),
+    )
+    logger.info("starting", node=options.node_name, proxy_mode=options.proxy_mode,
+                backend=backend, kubeconfig=options.kubeconfig or "in-cluster")
+    controller.run_until_stopped(stop)
+    return 0
+
+
 def run(options: ProxyOptions) -> int:
     if options.cleanup:
         cleanup(options)
@@ -111,7 +142,9 @@ def run(options: ProxyOptions) -> int:
     if options.proxy_mode != "iptables":
         raise ConfigError(f"--proxy-mode {options.proxy_mode} is not implemented yet")
     if options.state is None:
-        raise ConfigError("pass --state FILE (running against the API server is not built yet)")
+        if options.dry_run or options.once:
+            raise ConfigError("--dry-run and --once need --state FILE")
+        return run_controller(options)
     cluster = _load_state(options)
     if options.dry_run:
         sys.stdout.write(dry_run(options, cluster))

@@ -118,7 +118,7 @@ class IptablesProxier:
         else:
             stale = self._active - ruleset.active_nat_chains
             hooks = ()
-        document = ruleset.document(stale_chains=stale, hooks=hooks)
+        document = ruleset.document(stale_chains=stale, hooks=hooks, canary=full)
         self.need_full_sync = True  # until the restore has succeeded
         self.iptables.restore(document)
         self.need_full_sync = False

@@ -522,23 +522,32 @@ class Ruleset:
     no_local_external: int
 
     def document(
-        self, *, stale_chains: Iterable[str] = (), hooks: Iterable[JumpRule] = ()
+        self,
+        *,
+        stale_chains: Iterable[str] = (),
+        hooks: Iterable[JumpRule] = (),
+        canary: bool = False,
     ) -> str:
         """The iptables-restore --noflush input: this ruleset, missing hooks inserted at the top
-        of their built-in chains, and stale service chains flushed and deleted."""
+        of their built-in chains, stale service chains flushed and deleted, and (canary) the
+        empty KUBE-PROXY-CANARY chains whose disappearance reveals a flush by someone else."""
         hooks = tuple(hooks)
         stale = sorted(c for c in set(stale_chains) - self.active_nat_chains if is_service_chain(c))
 
         def inserts(table: str) -> str:
             return "".join(f"-I {h.chain} 1 {h.spec}\n" for h in hooks if h.table == table)
 
+        canary_decl = [f":{KUBE_PROXY_CANARY} - [0:0]\n"] if canary else []
         return "".join(
             [
+                *(["*mangle\n", *canary_decl, "COMMIT\n"] if canary else []),
                 "*filter\n",
+                *canary_decl,
                 *(f":{c} - [0:0]\n" for c in self.filter_chains),
                 self.filter_text,
                 inserts("filter"),
                 "COMMIT\n*nat\n",
+                *canary_decl,
                 *(f":{c} - [0:0]\n" for c in self.nat_chains),
                 *(f":{c} - [0:0]\n" for c in stale),
                 self.nat_text,

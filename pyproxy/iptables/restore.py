@@ -111,3 +111,8 @@ class Iptables:
             f"{tool} failed (exit {result.returncode}): {result.stderr.strip()}",
             tuple(offending),
         )
+
+
+def canary_exists(iptables: Iptables) -> bool:
+    """Whether the KUBE-PROXY-CANARY chain a full sync creates is still in the mangle table."""
+    return ":KUBE-PROXY-CANARY " in iptables.save(("mangle",))

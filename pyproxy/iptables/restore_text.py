@@ -142,8 +142,11 @@ class AddressMatch:
         nets = _parse_networks(self.value)
         if nets is None:
             return None
-        hit = any(ip.version == n.version and ip in n for n in nets)
-        return hit != self.negated
+        version = ip.version
+        for n in nets:
+            if n.version == version and ip in n:
+                return not self.negated
+        return self.negated
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +158,10 @@ class PortMatch:
     negated: bool = False
 
     def matches(self, port: int) -> bool:
-        hit = any(lo <= port <= hi for lo, hi in self.ranges)
-        return hit != self.negated
+        for lo, hi in self.ranges:
+            if lo <= port <= hi:
+                return not self.negated
+        return self.negated
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,13 +320,35 @@ def _chains_default() -> dict[str, Chain]:
 
 @dataclass(frozen=True, slots=True)
 class Chain:
+    """A chain and its rule lines; the lines are parsed into :class:`Rule` on first use.
+
+    Lazy because a node's ruleset can have 100k rules and a trace reads a handful of chains.
+    """
+
     name: str
-    rules: tuple[Rule, ...] = ()
+    lines: tuple[str, ...] = ()  # the ``-A`` lines, in chain order
     policy: str | None = None  # "ACCEPT"/"DROP" for built-in chains; None for "-"
     packets: int = 0
     bytes: int = 0
     declared: bool = True  # False when rules were added without a ``:CHAIN`` line
     deleted: bool = False  # a ``-X CHAIN`` line was seen
+    _rules: tuple[Rule, ...] | None = field(
+        default=None, init=False, repr=False, compare=False, hash=False
+    )
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        rules = self._rules
+        if rules is None:
+            rules = tuple(parse_rule(line) for line in self.lines)
+            object.__setattr__(self, "_rules", rules)
+        return rules
+
+    def targets(self) -> tuple[str | None, ...]:
+        """Each rule's ``-j``/``-g`` target, without parsing the rules fully."""
+        if self._rules is not None:
+            return tuple(r.target for r in self._rules)
+        return tuple(_line_target(line) for line in self.lines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,7 +409,7 @@ class Ruleset:
                 for c in t.chains
                 if c.declared
             )
-            out.extend(r.raw for c in t.chains for r in c.rules)
+            out.extend(line for c in t.chains for line in c.lines)
             out.extend(f"-X {c.name}" for c in t.chains if c.deleted)
             out.append("COMMIT")
         return "\n".join(out) + "\n"
@@ -419,8 +446,25 @@ def _unquote(word: str) -> str:
 
 def split_words(line: str) -> list[str]:
     """Split a rule line into words like iptables-restore (and a shell) would."""
-    if '"' not in line and "'" not in line and "\\" not in line:
-        return line.split()
+    if "\\" not in line and "'" not in line:
+        if '"' not in line:
+            return line.split()
+        # Fast path for the common case: double-quoted words standing alone.
+        parts = line.split('"')
+        last = len(parts) - 1
+        if last % 2 == 0:
+            words: list[str] = []
+            for k in range(0, last + 1, 2):
+                seg = parts[k]
+                if (0 < k < last and not seg) or (
+                    seg and ((k and not seg[0].isspace()) or (k < last and not seg[-1].isspace()))
+                ):
+                    break  # a quote glued to other characters: use the general path
+                words.extend(seg.split())
+                if k < last:
+                    words.append(parts[k + 1])
+            else:
+                return words
     return [_unquote(w) for w in _WORD_RE.findall(line)]
 
 
@@ -473,6 +517,67 @@ _MARK_OPS = {
 }
 
 
+# Option -> kind, for the dispatch in parse_rule. Kinds below _FIRST_FLAG take a value.
+(
+    _K_MODULE, _K_COMMENT, _K_DST, _K_SRC, _K_PROTO, _K_JUMP, _K_GOTO, _K_DPORT, _K_SPORT,
+    _K_TO_DESTINATION, _K_SRC_TYPE, _K_DST_TYPE, _K_STATISTIC, _K_RECENT, _K_MARK, _K_CTSTATE,
+    _K_STATE, _K_IN_IFACE, _K_OUT_IFACE, _K_NFACCT, _K_MARK_OP, _K_TO_SOURCE, _K_TO_PORTS,
+    _K_REJECT_WITH, _K_MATCH_SET, _K_PHYSDEV,
+    _FIRST_FLAG,
+) = range(27)  # fmt: skip
+_K_RANDOM_FULLY = _FIRST_FLAG
+_K_RECENT_ACTION = _FIRST_FLAG + 1
+_K_RECENT_FLAG = _FIRST_FLAG + 2
+_K_PHYSDEV_FLAG = _FIRST_FLAG + 3
+_UNKNOWN = 1000
+_OPTION_KINDS: Mapping[str, int] = MappingProxyType(
+    {
+        "-m": _K_MODULE, "--match": _K_MODULE,
+        "--comment": _K_COMMENT,
+        "-d": _K_DST, "--destination": _K_DST, "--dst": _K_DST,
+        "-s": _K_SRC, "--source": _K_SRC, "--src": _K_SRC,
+        "-p": _K_PROTO, "--protocol": _K_PROTO,
+        "-j": _K_JUMP, "--jump": _K_JUMP, "-g": _K_GOTO, "--goto": _K_GOTO,
+        "--dport": _K_DPORT, "--destination-port": _K_DPORT,
+        "--dports": _K_DPORT, "--destination-ports": _K_DPORT,
+        "--sport": _K_SPORT, "--source-port": _K_SPORT,
+        "--sports": _K_SPORT, "--source-ports": _K_SPORT,
+        "--to-destination": _K_TO_DESTINATION,
+        "--src-type": _K_SRC_TYPE, "--dst-type": _K_DST_TYPE,
+        "--mode": _K_STATISTIC, "--probability": _K_STATISTIC,
+        "--every": _K_STATISTIC, "--packet": _K_STATISTIC,
+        "--name": _K_RECENT, "--seconds": _K_RECENT, "--hitcount": _K_RECENT,
+        "--mask": _K_RECENT,
+        "--mark": _K_MARK,
+        "--ctstate": _K_CTSTATE, "--state": _K_STATE,
+        "-i": _K_IN_IFACE, "--in-interface": _K_IN_IFACE,
+        "-o": _K_OUT_IFACE, "--out-interface": _K_OUT_IFACE,
+        "--nfacct-name": _K_NFACCT,
+        "--set-xmark": _K_MARK_OP, "--set-mark": _K_MARK_OP, "--or-mark": _K_MARK_OP,
+        "--xor-mark": _K_MARK_OP, "--and-mark": _K_MARK_OP,
+        "--to-source": _K_TO_SOURCE,
+        "--to-ports": _K_TO_PORTS, "--to-port": _K_TO_PORTS,
+        "--reject-with": _K_REJECT_WITH,
+        "--match-set": _K_MATCH_SET,
+        "--physdev-in": _K_PHYSDEV, "--physdev-out": _K_PHYSDEV,
+        "--random-fully": _K_RANDOM_FULLY,
+        "--rcheck": _K_RECENT_ACTION, "--set": _K_RECENT_ACTION,
+        "--update": _K_RECENT_ACTION, "--remove": _K_RECENT_ACTION,
+        "--reap": _K_RECENT_FLAG, "--rsource": _K_RECENT_FLAG, "--rdest": _K_RECENT_FLAG,
+        "--physdev-is-in": _K_PHYSDEV_FLAG, "--physdev-is-out": _K_PHYSDEV_FLAG,
+        "--physdev-is-bridged": _K_PHYSDEV_FLAG,
+    }
+)  # fmt: skip
+
+
+def _line_target(line: str) -> str | None:
+    words = split_words(line)
+    for k in range(2, len(words) - 1):
+        if words[k] in ("-j", "--jump", "-g", "--goto"):
+            return words[k + 1]
+    return None
+
+
 def parse_rule(line: str, words: list[str] | None = None) -> Rule:
     """Parse one ``-A CHAIN ...`` line (also accepts ``-I CHAIN [N] ...``).
 
@@ -519,14 +624,6 @@ def parse_rule(line: str, words: list[str] | None = None) -> Rule:
     module = ""  # the most recent -m, to disambiguate options like --mark and --set
     after_target = False
 
-    def value_at(j: int) -> tuple[str | None, bool]:
-        # Returns (value, old-style negation "--opt ! value").
-        if j >= n:
-            return None, False
-        if w[j] == "!" and j + 1 < n:
-            return w[j + 1], True
-        return w[j], False
-
     while i < n:
         opt = w[i]
         neg = False
@@ -538,142 +635,95 @@ def parse_rule(line: str, words: list[str] | None = None) -> Rule:
                 break
             opt = w[i]
         flag_neg = neg  # negation of an option without a value
-        val, oldneg = value_at(i + 1)
-        step = 3 if oldneg else 2  # how far to advance when the option took a value
-        neg = neg or oldneg
-        if opt in ("-m", "--match"):
-            if val is None:
-                unknown.append(opt)
+        kind = _OPTION_KINDS.get(opt, _UNKNOWN)
+        if kind < _FIRST_FLAG:
+            # The option's value, allowing old-style negation after it ("--opt ! value").
+            if i + 1 >= n:
+                (unknown_target if after_target else unknown).append(opt)
                 break
-            module = val
-            modules.append(val)
-            if val not in _KNOWN_MODULES:
-                unknown.append(f"-m {val}")
-            i += 2
-            continue
-        if opt in ("-j", "--jump", "-g", "--goto"):
-            if val is None:
-                unknown.append(opt)
-                break
-            if opt in ("-j", "--jump"):
-                jump = val
-            else:
-                goto = val
-            module = val
-            after_target = True
-            i += 2
-            continue
-        if val is not None:
-            if opt == "--comment":
+            val = w[i + 1]
+            step = 2
+            if val == "!" and i + 2 < n:
+                val = w[i + 2]
+                step = 3
+                neg = True
+            if kind == _K_MODULE:
+                module = val
+                modules.append(val)
+                if val not in _KNOWN_MODULES:
+                    unknown.append(f"-m {val}")
+                i += step
+                continue
+            if kind == _K_COMMENT:
                 comment = val
-                i += step
-                continue
-            if opt in ("-s", "--source", "--src"):
-                source = AddressMatch(val, neg)
-                i += step
-                continue
-            if opt in ("-d", "--destination", "--dst"):
+            elif kind == _K_DST:
                 destination = AddressMatch(val, neg)
-                i += step
-                continue
-            if opt in ("-p", "--protocol"):
+            elif kind == _K_SRC:
+                source = AddressMatch(val, neg)
+            elif kind == _K_PROTO:
                 low = val.lower()
                 protocol = Match(_PROTO_NUMBERS.get(low, low), neg)
-                i += step
-                continue
-            if opt in ("--dport", "--destination-port", "--dports", "--destination-ports"):
-                ranges = _parse_ports(val)
-                if ranges is None:
-                    unknown.append(f"{opt} {val}")
+            elif kind in (_K_JUMP, _K_GOTO):
+                if kind == _K_JUMP:
+                    jump = val
                 else:
-                    dport = PortMatch(val, ranges, neg)
-                i += step
-                continue
-            if opt in ("--sport", "--source-port", "--sports", "--source-ports"):
+                    goto = val
+                module = val
+                after_target = True
+            elif kind in (_K_DPORT, _K_SPORT):
                 ranges = _parse_ports(val)
                 if ranges is None:
                     unknown.append(f"{opt} {val}")
+                elif kind == _K_DPORT:
+                    dport = PortMatch(val, ranges, neg)
                 else:
                     sport = PortMatch(val, ranges, neg)
-                i += step
-                continue
-            if opt == "--to-destination":
+            elif kind == _K_TO_DESTINATION:
                 to_destination = val
-                i += step
-                continue
-            if opt == "--src-type":
+            elif kind == _K_SRC_TYPE:
                 src_type = Match(val, neg)
-                i += step
-                continue
-            if opt == "--dst-type":
+            elif kind == _K_DST_TYPE:
                 dst_type = Match(val, neg)
-                i += step
-                continue
-            if opt == "--mode" and module == "statistic":
-                st_mode = val
-                i += step
-                continue
-            if opt == "--probability" and module == "statistic":
-                st_prob = val
-                i += step
-                continue
-            if opt in ("--every", "--packet") and module == "statistic":
-                try:
-                    num = int(val)
-                except ValueError:
+            elif kind == _K_STATISTIC and module == "statistic":
+                if opt == "--mode":
+                    st_mode = val
+                elif opt == "--probability":
+                    st_prob = val
+                elif not val.isdigit():
                     unknown.append(f"{opt} {val}")
+                elif opt == "--every":
+                    st_every = int(val)
                 else:
-                    if opt == "--every":
-                        st_every = num
-                    else:
-                        st_packet = num
-                i += step
-                continue
-            if module == "recent" and opt in ("--name", "--seconds", "--hitcount", "--mask"):
+                    st_packet = int(val)
+            elif kind == _K_RECENT and module == "recent":
                 rc_seen = True
                 if opt == "--name":
                     rc_name = val
                 elif opt == "--mask":
                     rc_mask = val
+                elif not val.isdigit():
+                    unknown.append(f"{opt} {val}")
+                elif opt == "--seconds":
+                    rc_seconds = int(val)
                 else:
-                    try:
-                        num = int(val)
-                    except ValueError:
-                        unknown.append(f"{opt} {val}")
-                    else:
-                        if opt == "--seconds":
-                            rc_seconds = num
-                        else:
-                            rc_hitcount = num
-                i += step
-                continue
-            if opt == "--mark" and module == "mark":
+                    rc_hitcount = int(val)
+            elif kind == _K_MARK and module == "mark":
                 parsed = _parse_mark(val)
                 if parsed is None:
                     unknown.append(f"--mark {val}")
                 else:
                     mark = MarkMatch(parsed[0], parsed[1], neg)
-                i += step
-                continue
-            if (opt == "--ctstate" and module == "conntrack") or (
-                opt == "--state" and module == "state"
+            elif (kind == _K_CTSTATE and module == "conntrack") or (
+                kind == _K_STATE and module == "state"
             ):
                 ctstate = ConntrackMatch(frozenset(val.upper().split(",")), neg)
-                i += step
-                continue
-            if opt in ("-i", "--in-interface"):
+            elif kind == _K_IN_IFACE:
                 in_iface = Match(val, neg)
-                i += step
-                continue
-            if opt in ("-o", "--out-interface"):
+            elif kind == _K_OUT_IFACE:
                 out_iface = Match(val, neg)
-                i += step
-                continue
-            if opt == "--nfacct-name":
+            elif kind == _K_NFACCT:
                 nfacct = val
-                i += step
-                continue
-            if opt in _MARK_OPS and jump == "MARK":
+            elif kind == _K_MARK_OP and jump == "MARK":
                 parsed = _parse_mark(val)
                 if parsed is None:
                     unknown_target.append(f"{opt} {val}")
@@ -683,40 +733,33 @@ def parse_rule(line: str, words: list[str] | None = None) -> Rule:
                     if op in ("or", "xor", "and") or "/" not in val:
                         mask = 0xFFFFFFFF
                     set_mark = MarkTarget(op, parsed[0], mask)
-                i += step
-                continue
-            if opt == "--to-source":
+            elif kind == _K_TO_SOURCE:
                 to_source = val
-                i += step
-                continue
-            if opt in ("--to-ports", "--to-port"):
+            elif kind == _K_TO_PORTS:
                 to_ports = val
-                i += step
-                continue
-            if opt == "--reject-with":
+            elif kind == _K_REJECT_WITH:
                 reject_with = val
-                i += step
-                continue
-            if opt == "--match-set" and i + 2 < n:
-                match_set = SetMatch(w[i + 1], w[i + 2], neg)
-                i += 3
-                continue
-            if opt in ("--physdev-in", "--physdev-out") and module == "physdev":
+            elif kind == _K_MATCH_SET and step == 2 and i + 2 < n:
+                match_set = SetMatch(val, w[i + 2], neg)
+                step = 3
+            elif kind == _K_PHYSDEV and module == "physdev":
                 physdev.append(Match(f"{opt[2:]}={val}", neg))
+            else:
+                kind = _UNKNOWN  # right option, wrong context: keep it as unknown
+            if kind != _UNKNOWN:
                 i += step
                 continue
-        # options without a value
-        if opt == "--random-fully":
+        elif kind == _K_RANDOM_FULLY:
             random_fully = True
             i += 1
             continue
-        if module == "recent" and opt in ("--rcheck", "--set", "--update", "--remove"):
+        elif kind == _K_RECENT_ACTION and module == "recent":
             rc_seen = True
             rc_action = opt[2:]
             rc_neg = flag_neg
             i += 1
             continue
-        if module == "recent" and opt in ("--reap", "--rsource", "--rdest"):
+        elif kind == _K_RECENT_FLAG and module == "recent":
             rc_seen = True
             if opt == "--reap":
                 rc_reap = True
@@ -724,11 +767,7 @@ def parse_rule(line: str, words: list[str] | None = None) -> Rule:
                 rc_rdest = True
             i += 1
             continue
-        if module == "physdev" and opt in (
-            "--physdev-is-in",
-            "--physdev-is-out",
-            "--physdev-is-bridged",
-        ):
+        elif kind == _K_PHYSDEV_FLAG and module == "physdev":
             physdev.append(Match(opt[2:], flag_neg))
             i += 1
             continue
@@ -801,21 +840,21 @@ _KNOWN_MODULES = frozenset(
 
 
 class _ChainBuilder:
-    __slots__ = ("bytes", "declared", "deleted", "name", "packets", "policy", "rules")
+    __slots__ = ("bytes", "declared", "deleted", "lines", "name", "packets", "policy")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, declared: bool) -> None:
         self.name = name
-        self.rules: list[Rule] = []
+        self.lines: list[str] = []
         self.policy: str | None = None
         self.packets = 0
         self.bytes = 0
-        self.declared = False
+        self.declared = declared
         self.deleted = False
 
     def build(self) -> Chain:
         return Chain(
             self.name,
-            tuple(self.rules),
+            tuple(self.lines),
             self.policy,
             self.packets,
             self.bytes,
@@ -834,42 +873,79 @@ def parse_ruleset(text: str) -> Ruleset:
     Understands ``*table``, ``:CHAIN POLICY [pkts:bytes]``, ``-A``/``-I`` rules (optionally
     prefixed by ``[pkts:bytes]`` as ``iptables-save -c`` prints them), ``-N``, ``-X``, ``-F``,
     ``-P``, ``COMMIT`` and ``#`` comments. A table that appears in two sections is merged.
-    Raises :class:`RulesetParseError` on structurally invalid text.
+    Raises :class:`RulesetParseError` on structurally invalid text. Rule options are parsed
+    when a chain's ``rules`` are first read, and never fail (see :func:`parse_rule`).
     """
     tables: dict[str, dict[str, _ChainBuilder]] = {}
-    current: dict[str, _ChainBuilder] | None = None
-    current_name = ""
+    chains: dict[str, _ChainBuilder] | None = None
+    builtin: frozenset[str] = frozenset()
+    table_name = ""
     lineno = 0
     line = ""
-
-    def get(chains: dict[str, _ChainBuilder], name: str) -> _ChainBuilder:
-        c = chains.get(name)
-        if c is None:
-            c = chains[name] = _ChainBuilder(name)
-            if name in BUILTIN_CHAINS.get(current_name, ()):
-                c.declared = True  # built-in chains always exist
-        return c
 
     for lineno, raw_line in enumerate(text.splitlines(), 1):
         line = raw_line.strip()
         if not line or line[0] == "#":
             continue
         first = line[0]
-        if first == "*":
-            if current is not None:
-                raise RulesetParseError(lineno, line, "table started before COMMIT")
-            current_name = line[1:].strip()
-            if not current_name:
-                raise RulesetParseError(lineno, line, "empty table name")
-            current = tables.setdefault(current_name, {})
-            continue
-        if current is None:
-            raise RulesetParseError(lineno, line, "line outside a *table section")
-        if first == ":":
+        if first == "[":
+            line = _COUNTER_PREFIX_RE.sub("", line, count=1)
+            first = line[0]
+        if first == "-" and chains is not None:
+            parts = line.split(None, 3)
+            cmd = parts[0]
+            if cmd in ("-A", "--append", "-I", "--insert"):
+                if len(parts) < 2:
+                    raise RulesetParseError(lineno, line, "rule without a chain name")
+                name = parts[1]
+                c = chains.get(name)
+                if c is None:
+                    c = chains[name] = _ChainBuilder(name, name in builtin)
+                elif c.deleted:
+                    raise RulesetParseError(lineno, line, "rule added to a deleted chain")
+                if cmd in ("-A", "--append"):
+                    c.lines.append(line)
+                else:
+                    pos = int(parts[2]) - 1 if len(parts) > 2 and parts[2].isdigit() else 0
+                    c.lines.insert(pos, line)
+                continue
+            if cmd in ("-X", "--delete-chain", "-N", "--new-chain", "-F", "--flush"):
+                if cmd in ("-F", "--flush") and len(parts) == 1:
+                    for c in chains.values():
+                        c.lines.clear()
+                    continue
+                if len(parts) != 2:
+                    raise RulesetParseError(lineno, line, f"{cmd} needs exactly one chain name")
+                name = parts[1]
+                c = chains.get(name)
+                if c is None:
+                    c = chains[name] = _ChainBuilder(name, name in builtin)
+                if cmd in ("-X", "--delete-chain"):
+                    if c.lines:
+                        raise RulesetParseError(lineno, line, "cannot delete a chain with rules")
+                    c.deleted = True
+                elif cmd in ("-N", "--new-chain"):
+                    c.declared = True
+                    c.deleted = False
+                else:
+                    c.lines.clear()
+                continue
+            if cmd in ("-P", "--policy") and len(parts) == 3:
+                name = parts[1]
+                c = chains.get(name)
+                if c is None:
+                    c = chains[name] = _ChainBuilder(name, name in builtin)
+                c.policy = parts[2]
+                continue
+            raise RulesetParseError(lineno, line, "unknown command")
+        if first == ":" and chains is not None:
             m = _DECLARE_RE.match(line)
             if m is None:
                 raise RulesetParseError(lineno, line, "bad chain declaration")
-            c = get(current, m.group(1))
+            name = m.group(1)
+            c = chains.get(name)
+            if c is None:
+                c = chains[name] = _ChainBuilder(name, True)
             c.declared = True
             c.deleted = False
             c.policy = None if m.group(2) == "-" else m.group(2)
@@ -877,56 +953,29 @@ def parse_ruleset(text: str) -> Ruleset:
                 c.packets = int(m.group(3))
                 c.bytes = int(m.group(4))
             continue
-        if line == "COMMIT":
-            current = None
+        if line == "COMMIT" and chains is not None:
+            chains = None
             continue
-        if first == "[":
-            line = _COUNTER_PREFIX_RE.sub("", line, count=1)
-        words = split_words(line)
-        cmd = words[0]
-        if cmd in ("-A", "--append", "-I", "--insert"):
-            if len(words) < 2:
-                raise RulesetParseError(lineno, line, "rule without a chain name")
-            c = get(current, words[1])
-            if c.deleted:
-                raise RulesetParseError(lineno, line, "rule added to a deleted chain")
-            rule = parse_rule(line, words)
-            if cmd in ("-A", "--append"):
-                c.rules.append(rule)
-            else:
-                pos = int(words[2]) - 1 if len(words) > 2 and words[2].isdigit() else 0
-                c.rules.insert(pos, rule)
+        if first == "*":
+            if chains is not None:
+                raise RulesetParseError(lineno, line, "table started before COMMIT")
+            table_name = line[1:].strip()
+            if not table_name:
+                raise RulesetParseError(lineno, line, "empty table name")
+            chains = tables.setdefault(table_name, {})
+            builtin = BUILTIN_CHAINS.get(table_name, frozenset())
             continue
-        if cmd in ("-X", "--delete-chain", "-N", "--new-chain", "-F", "--flush"):
-            if len(words) != 2:
-                if cmd in ("-F", "--flush") and len(words) == 1:
-                    for c in current.values():
-                        c.rules.clear()
-                    continue
-                raise RulesetParseError(lineno, line, f"{cmd} needs exactly one chain name")
-            c = get(current, words[1])
-            if cmd in ("-X", "--delete-chain"):
-                if c.rules:
-                    raise RulesetParseError(lineno, line, "cannot delete a chain with rules")
-                c.deleted = True
-            elif cmd in ("-N", "--new-chain"):
-                c.declared = True
-                c.deleted = False
-            else:
-                c.rules.clear()
-            continue
-        if cmd in ("-P", "--policy") and len(words) == 3:
-            get(current, words[1]).policy = words[2]
-            continue
+        if chains is None:
+            raise RulesetParseError(lineno, line, "line outside a *table section")
         raise RulesetParseError(lineno, line, "unknown command")
 
-    if current is not None:
-        raise RulesetParseError(lineno, line, f"table {current_name!r} has no COMMIT")
+    if chains is not None:
+        raise RulesetParseError(lineno, line, f"table {table_name!r} has no COMMIT")
 
     return Ruleset(
         tuple(
-            Table(name, tuple(c.build() for c in chains.values()))
-            for name, chains in tables.items()
+            Table(name, tuple(c.build() for c in chain_map.values()))
+            for name, chain_map in tables.items()
         )
     )
 
@@ -948,13 +997,13 @@ def check_jumps(ruleset: Ruleset) -> list[str]:
     for table in ruleset.tables:
         builtin = table.builtin_chains
         created = {c.name for c in table.chains if c.declared and not c.deleted} | builtin
-        filled = {c.name for c in table.chains if c.rules}
-        jumped: set[str] = set()
-        for c in table.chains:
-            for r in c.rules:
-                t = r.target
-                if t is not None and t not in BUILTIN_TARGETS:
-                    jumped.add(t)
+        filled = {c.name for c in table.chains if c.lines}
+        jumped = {
+            t
+            for c in table.chains
+            for t in c.targets()
+            if t is not None and t not in BUILTIN_TARGETS
+        }
         missing = (jumped | filled) - created
         if missing:
             problems.append(
@@ -990,14 +1039,15 @@ def _chain_order(name: str) -> tuple[int, str]:
     return (2 if name.startswith("KUBE-") else 3, name)
 
 
-def _sorted_rules(table: str, chain: Chain) -> tuple[Rule, ...]:
-    if chain.name == "KUBE-NODEPORTS" and table in ("filter", "nat"):
-        return tuple(sorted(chain.rules, key=_service_name))
-    if chain.name == "KUBE-SERVICES" and table == "filter":
-        return tuple(sorted(chain.rules, key=_service_name))
+def _sorted_lines(table: str, chain: Chain) -> tuple[str, ...]:
+    if (chain.name == "KUBE-NODEPORTS" and table in ("filter", "nat")) or (
+        chain.name == "KUBE-SERVICES" and table == "filter"
+    ):
+        return tuple(r.raw for r in sorted(chain.rules, key=_service_name))
     if chain.name == "KUBE-SERVICES" and table == "nat":
         return tuple(
-            sorted(
+            r.raw
+            for r in sorted(
                 chain.rules,
                 key=lambda r: (
                     r.comment is not None and "must be the last rule" in r.comment,
@@ -1005,7 +1055,7 @@ def _sorted_rules(table: str, chain: Chain) -> tuple[Rule, ...]:
                 ),
             )
         )
-    return chain.rules
+    return chain.lines
 
 
 def sort_ruleset_text(text: str) -> str:
@@ -1027,7 +1077,7 @@ def sort_ruleset_text(text: str) -> str:
                 tuple(
                     Chain(
                         c.name,
-                        _sorted_rules(t.name, c),
+                        _sorted_lines(t.name, c),
                         c.policy,
                         c.packets,
                         c.bytes,

@@ -1,0 +1,364 @@
+"""The node agent: watch the API, reconcile the kernel continuously, report health and metrics.
+
+    KubeSource (3 watch threads) ──events──▶ ChangeTracker ──request()──▶ BoundedFrequencyRunner
+                                                                              │ sync(periodic)
+    per IP family: desired state (only changed Services recomputed) ──▶ IptablesProxier.sync
+                   ──▶ conntrack cleanup (UDP) ──▶ health.updated, metrics, HC node ports
+
+Rules of the road, as upstream's proxier:
+- nothing is written before the first complete lists of Services, EndpointSlices and the Node;
+- event handlers only record; all work happens in `sync`, on the runner's thread;
+- a failed sync puts its changes back, makes the next sync a full one, and is retried;
+- a canary chain flushed by someone else triggers a full sync;
+- stopping leaves every rule in place, so traffic keeps flowing across restarts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import structlog
+
+from pyproxy import sysctl
+from pyproxy.changes import ChangeTracker, Changes
+from pyproxy.errors import PyproxyError, RestoreError
+from pyproxy.healthcheck import HealthzServer, ProxyHealth, ServiceHealthServer
+from pyproxy.iptables.proxier import IptablesProxier, SyncResult
+from pyproxy.iptables.restore import Iptables, canary_exists
+from pyproxy.metrics import Metrics, MetricsServer
+from pyproxy.model import IPAddress, IPFamily, NamespacedName
+from pyproxy.model import Protocol as L4
+from pyproxy.options import ProxyOptions, proxier_configs
+from pyproxy.proxystate import ProxierConfig, ServicePortState, service_state
+from pyproxy.runner import BoundedFrequencyRunner
+
+logger = structlog.get_logger("pyproxy")
+
+ServiceStates = dict[NamespacedName, tuple[ServicePortState, ...]]
+
+
+class Source(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def has_synced(self) -> bool: ...
+
+
+class ConntrackCleaner(Protocol):
+    def cleanup(
+        self, family: IPFamily, states: Sequence[ServicePortState]
+    ) -> int: ...
+
+
+@dataclass
+class FamilyProxier:
+    config: ProxierConfig
+    proxier: IptablesProxier
+    states: ServiceStates = field(default_factory=dict)
+
+
+def _udp_endpoints(ports: tuple[ServicePortState, ...]) -> frozenset[tuple[str, str]]:
+    return frozenset(
+        (str(p.info.name), ep.endpoint)
+        for p in ports
+        if p.info.protocol is L4.UDP
+        for ep in p.categorized.all_reachable
+    )
+
+
+class Controller:
+    def __init__(
+        self,
+        options: ProxyOptions,
+        *,
+        backend: str,
+        source_factory: Callable[[Controller], Source],
+        host_addresses: Callable[[], tuple[IPAddress, ...]],
+        conntrack: ConntrackCleaner | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.options = options
+        self.backend = backend
+        self.tracker = ChangeTracker(options.node_name)
+        self._lock = threading.Lock()
+        self._host_addresses = host_addresses
+        self._conntrack = conntrack
+        self._clock = clock
+        self.families: dict[IPFamily, FamilyProxier] = {}
+        self.metrics = Metrics(options.proxy_mode)
+        self.health = ProxyHealth(2 * options.sync_period)
+        self.healthz_server = HealthzServer(
+            self.health, options.healthz_bind_address, metrics=self.metrics
+        )
+        self.metrics_server = MetricsServer(
+            self.metrics, options.proxy_mode, options.metrics_bind_address
+        )
+        self.service_health: ServiceHealthServer | None = None
+        self.runner = BoundedFrequencyRunner(
+            self.sync,
+            min_interval=options.min_sync_period,
+            max_interval=options.sync_period,
+            retry_interval=max(1.0, min(options.min_sync_period, 5.0)),
+        )
+        self.source = source_factory(self)
+        self._stop = threading.Event()
+        self.syncs = 0
+
+    # --- the source's consumer interface: record, never work --------------------------
+
+    def on_replace(self, kind: str, objects: list[dict[str, object]]) -> None:
+        with self._lock:
+            self.tracker.replace(kind, objects)
+        self._queued()
+
+    def on_event(self, kind: str, event_type: str, obj: dict[str, object]) -> None:
+        with self._lock:
+            self.tracker.event(kind, event_type, obj)
+        self._queued()
+
+    def _queued(self) -> None:
+        now = time.time()
+        for family in list(self.families) or [IPFamily.IPv4]:
+            self.health.queued_update(family)
+            self.metrics.sync_proxy_rules_last_queued_timestamp.labels(family.value).set(now)
+        services, endpoints = self.tracker.pending_counts
+        self.metrics.service_changes_pending.set(services)
+        self.metrics.endpoint_changes_pending.set(endpoints)
+        self.runner.request()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.healthz_server.start()
+        self.metrics_server.start()
+        self.source.start()
+        self.runner.start()
+        self._canary_thread = threading.Thread(target=self._watch_canary, daemon=True,
+                                               name="canary")
+        self._canary_thread.start()
+
+    def stop(self) -> None:
+        """Stop everything; the rules stay in the kernel."""
+        self._stop.set()
+        self.source.stop()
+        self.runner.stop()
+        self.healthz_server.stop()
+        self.metrics_server.stop()
+        if self.service_health is not None:
+            self.service_health.stop()
+
+    def _watch_canary(self) -> None:
+        interval = max(1.0, min(self.options.sync_period, 5.0))
+        while not self._stop.wait(interval):
+            for family, fp in list(self.families.items()):
+                try:
+                    present = canary_exists(fp.proxier.iptables)
+                except PyproxyError as err:
+                    logger.warning("canary check failed", ip_family=family.value, error=str(err))
+                    continue
+                if not present and not fp.proxier.need_full_sync:
+                    logger.warning("canary chain gone: iptables flushed? forcing a full sync",
+                                   ip_family=family.value)
+                    fp.proxier.need_full_sync = True
+                    self.runner.request()
+
+    # --- the sync ---------------------------------------------------------------------
+
+    def _configs(self) -> tuple[ProxierConfig, ...]:
+        node = self.tracker.node
+        host: tuple[IPAddress, ...] = ()
+        if not self.options.node_ips and (node is None or not node.addresses):
+            host = self._host_addresses()
+        configs = []
+        for config in proxier_configs(self.options, node, host):
+            if config.localhost_nodeports:
+                sysctl.ensure("net.ipv4.conf.all.route_localnet", "1")
+            configs.append(
+                replace(config, conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal())
+            )
+        return tuple(configs)
+
+    def _recompute(self, fp: FamilyProxier, names: set[NamespacedName] | None) -> None:
+        tracker = self.tracker
+        if names is None:
+            names = set(tracker.services) | set(fp.states)
+        for name in names:
+            service = tracker.services.get(name)
+            ports = service_state(service, tracker.slices_of(name), fp.config) if service else ()
+            if ports:
+                fp.states[name] = ports
+            else:
+                fp.states.pop(name, None)
+
+    def sync(self, periodic: bool) -> None:
+        if not self.source.has_synced():
+            logger.debug("waiting for the first complete lists before writing anything")
+            return
+        started = self._clock()
+        with self._lock:
+            changes = self.tracker.take()
+            problems = self.tracker.take_problems()
+            try:
+                rebuilt = self._prepare(changes)
+                previous_udp = {
+                    family: {n: _udp_endpoints(fp.states.get(n, ())) for n in (changes.services or ())}
+                    for family, fp in self.families.items()
+                }
+                for fp in self.families.values():
+                    self._recompute(fp, None if rebuilt else changes.services)
+            except Exception:
+                self.tracker.requeue(changes)
+                raise
+        for problem in problems:
+            logger.warning(
+                "skipping invalid object", kind=problem.kind,
+                object=f"{problem.namespace}/{problem.name}", field=problem.field,
+                reason=problem.reason,
+            )
+        full_requested = rebuilt or periodic or changes.services is None
+        results: dict[IPFamily, SyncResult] = {}
+        try:
+            for family, fp in self.families.items():
+                results[family] = self._sync_family(
+                    fp, None if full_requested else changes.services
+                )
+                self._cleanup_conntrack(family, fp, changes, previous_udp.get(family, {}))
+        except Exception:
+            with self._lock:
+                self.tracker.requeue(changes)
+            raise
+        self._after_sync(changes, results, started)
+
+    def _prepare(self, changes: Changes) -> bool:
+        """(Re)build the per-family proxiers when the node changed; True if rebuilt."""
+        if not changes.node_changed and self.families:
+            return False
+        self.health.sync_node(self.tracker.node)
+        configs = self._configs()
+        old = {family: fp.config for family, fp in self.families.items()}
+        if old == {c.family: c for c in configs}:
+            return False
+        self.families = {
+            c.family: FamilyProxier(c, IptablesProxier(c, Iptables(c.family, self.backend)))
+            for c in configs
+        }
+        primary = configs[0]
+        if self.service_health is not None:
+            self.service_health.stop()
+        self.service_health = ServiceHealthServer(self.health, primary.nodeport_ips)
+        logger.info(
+            "node configuration",
+            node=self.options.node_name,
+            families=[c.family.value for c in configs],
+            node_ips=[str(ip) for c in configs for ip in c.node_ips],
+            zone=primary.zone,
+        )
+        return True
+
+    def _sync_family(
+        self, fp: FamilyProxier, changed: set[NamespacedName] | None
+    ) -> SyncResult:
+        family = fp.config.family.value
+        try:
+            return fp.proxier.sync(fp.states, changed)
+        except RestoreError as err:
+            self.metrics.iptables_restore_failures_total.labels(family).inc()
+            if changed is not None:
+                self.metrics.iptables_partial_restore_failures_total.labels(family).inc()
+            logger.error("iptables-restore failed; next sync is a full one", ip_family=family,
+                         error=str(err), offending_lines=list(err.offending_lines))
+            raise
+
+    def _cleanup_conntrack(
+        self,
+        family: IPFamily,
+        fp: FamilyProxier,
+        changes: Changes,
+        previous_udp: Mapping[NamespacedName, frozenset[tuple[str, str]]],
+    ) -> None:
+        if self._conntrack is None:
+            return
+        names = changes.services if changes.services is not None else set(fp.states)
+        if changes.services is not None and not any(
+            previous_udp.get(n, frozenset()) != _udp_endpoints(fp.states.get(n, ())) for n in names
+        ):
+            return
+        states = [p for ports in fp.states.values() for p in ports if p.info.protocol is L4.UDP]
+        try:
+            deleted = self._conntrack.cleanup(family, states)
+        except PyproxyError as err:
+            logger.warning("conntrack cleanup failed", ip_family=family.value, error=str(err))
+            return
+        if deleted:
+            logger.info("deleted stale UDP conntrack entries", ip_family=family.value,
+                        deleted=deleted)
+
+    def _after_sync(
+        self, changes: Changes, results: Mapping[IPFamily, SyncResult], started: float
+    ) -> None:
+        elapsed = self._clock() - started
+        now = time.time()
+        m = self.metrics
+        for family, result in results.items():
+            fam = family.value
+            self.health.updated(family)
+            m.sync_proxy_rules_latency.labels(fam).observe(elapsed)
+            (m.sync_full_proxy_rules_latency if result.full
+             else m.sync_partial_proxy_rules_latency).labels(fam).observe(elapsed)
+            m.sync_proxy_rules_last_timestamp.labels(fam).set(now)
+            m.iptables_rules_total.labels(fam, "filter").set(result.filter_rules)
+            m.iptables_rules_total.labels(fam, "nat").set(result.nat_rules)
+            m.iptables_rules_last_sync.labels(fam, "filter").set(result.filter_rules)
+            m.iptables_rules_last_sync.labels(fam, "nat").set(result.nat_rules)
+            m.no_local_endpoints_total.labels(fam, "internal").set(result.no_local_internal)
+            m.no_local_endpoints_total.labels(fam, "external").set(result.no_local_external)
+            m.restore_bytes.labels(fam, "full" if result.full else "partial").set(
+                result.restore_bytes
+            )
+            for when in changes.trigger_times.values():
+                m.network_programming_latency.labels(fam).observe(max(0.0, now - when))
+        m.service_changes_total.inc(changes.service_changes)
+        m.endpoint_changes_total.inc(changes.endpoint_changes)
+        services, endpoints = self.tracker.pending_counts
+        m.service_changes_pending.set(services)
+        m.endpoint_changes_pending.set(endpoints)
+        self._sync_health_check_ports()
+        self.syncs += 1
+        primary = next(iter(results.values()), None)
+        logger.info(
+            "synced",
+            full=bool(primary and primary.full),
+            services_changed=None if changes.services is None else len(changes.services),
+            services=len(self.tracker.services),
+            elapsed_s=round(elapsed, 4),
+            **{f"{f.value}_restore_bytes": r.restore_bytes for f, r in results.items()},
+            **{f"{f.value}_nat_rules": r.nat_rules for f, r in results.items()},
+        )
+
+    def _sync_health_check_ports(self) -> None:
+        if self.service_health is None or not self.families:
+            return
+        fp = next(iter(self.families.values()))
+        ports: dict[int, NamespacedName] = {}
+        local: dict[NamespacedName, int] = {}
+        for name, states in fp.states.items():
+            for state in states:
+                if state.info.health_check_node_port:
+                    ports[state.info.health_check_node_port] = name
+                    # Terminating local endpoints do not count (upstream).
+                    local[name] = sum(1 for ep in state.endpoints if ep.is_local and ep.ready)
+        self.service_health.sync_services(ports)
+        self.service_health.sync_endpoints(local)
+
+    # --- running as a process ---------------------------------------------------------
+
+    def run_until_stopped(self, stop: threading.Event) -> None:
+        self.start()
+        try:
+            stop.wait()
+        finally:
+            logger.info("stopping; rules stay in place")
+            self.stop()
