@@ -25,8 +25,9 @@ def _key(obj: Mapping[str, object]) -> NamespacedName:
     metadata = obj.get("metadata")
     meta = metadata if isinstance(metadata, Mapping) else {}
     namespace, name = meta.get("namespace", ""), meta.get("name", "")
-    return NamespacedName(namespace if isinstance(namespace, str) else "",
-                          name if isinstance(name, str) else "")
+    return NamespacedName(
+        namespace if isinstance(namespace, str) else "", name if isinstance(name, str) else ""
+    )
 
 
 @dataclass(slots=True)

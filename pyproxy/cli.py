@@ -36,8 +36,7 @@ def _load_state(options: ProxyOptions) -> ClusterState:
 
     from pyproxy.sources.statefile import load_state
 
-    assert options.state is not None
-    cluster, problems = load_state(Path(options.state))
+    cluster, problems = load_state(Path(options.state or ""))
     for problem in problems:
         logger.warning(
             "skipping invalid object",
@@ -100,7 +99,9 @@ def cleanup(options: ProxyOptions) -> None:
         iptables = Iptables(family, backend)
         # Every hook pyproxy may have installed, whatever flags it ran with.
         hooks = jump_rules(ProxierConfig(family=family, node_name="", localhost_nodeports=True))
-        document = cleanup_document(KernelView.from_save(iptables.save(("filter", "nat", "mangle"))), hooks)
+        document = cleanup_document(
+            KernelView.from_save(iptables.save(("filter", "nat", "mangle"))), hooks
+        )
         if document:
             iptables.restore(document)
         logger.info("cleaned up", ip_family=family.value, backend=backend, changed=bool(document))
@@ -129,8 +130,13 @@ def run_controller(options: ProxyOptions) -> int:
         host_addresses=host_addresses,
         conntrack=ConntrackCleaner(),
     )
-    logger.info("starting", node=options.node_name, proxy_mode=options.proxy_mode,
-                backend=backend, kubeconfig=options.kubeconfig or "in-cluster")
+    logger.info(
+        "starting",
+        node=options.node_name,
+        proxy_mode=options.proxy_mode,
+        backend=backend,
+        kubeconfig=options.kubeconfig or "in-cluster",
+    )
     controller.run_until_stopped(stop)
     return 0
 

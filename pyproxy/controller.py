@@ -24,7 +24,7 @@ from typing import Protocol
 import structlog
 
 from pyproxy import sysctl
-from pyproxy.changes import ChangeTracker, Changes
+from pyproxy.changes import Changes, ChangeTracker
 from pyproxy.errors import PyproxyError, RestoreError
 from pyproxy.healthcheck import HealthzServer, ProxyHealth, ServiceHealthServer
 from pyproxy.iptables.proxier import IptablesProxier, SyncResult
@@ -43,14 +43,12 @@ ServiceStates = dict[NamespacedName, tuple[ServicePortState, ...]]
 
 class Source(Protocol):
     def start(self) -> None: ...
-    def stop(self) -> None: ...
+    def stop(self) -> object: ...
     def has_synced(self) -> bool: ...
 
 
 class ConntrackCleaner(Protocol):
-    def cleanup(
-        self, family: IPFamily, states: Sequence[ServicePortState]
-    ) -> int: ...
+    def cleanup(self, family: IPFamily, states: Sequence[ServicePortState]) -> int: ...
 
 
 @dataclass
@@ -132,12 +130,21 @@ class Controller:
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        self.healthz_server.start()
-        self.metrics_server.start()
+        # As upstream's SyncLoop: every family starts "updated", so it is judged from now on.
+        for family in IPFamily:
+            self.health.updated(family)
+        for server in (self.healthz_server, self.metrics_server):
+            try:
+                server.start()
+            except OSError as err:  # kube-proxy logs and carries on; so do we
+                logger.error(
+                    "cannot start HTTP server", server=type(server).__name__, error=str(err)
+                )
         self.source.start()
         self.runner.start()
-        self._canary_thread = threading.Thread(target=self._watch_canary, daemon=True,
-                                               name="canary")
+        self._canary_thread = threading.Thread(
+            target=self._watch_canary, daemon=True, name="canary"
+        )
         self._canary_thread.start()
 
     def stop(self) -> None:
@@ -160,8 +167,10 @@ class Controller:
                     logger.warning("canary check failed", ip_family=family.value, error=str(err))
                     continue
                 if not present and not fp.proxier.need_full_sync:
-                    logger.warning("canary chain gone: iptables flushed? forcing a full sync",
-                                   ip_family=family.value)
+                    logger.warning(
+                        "canary chain gone: iptables flushed? forcing a full sync",
+                        ip_family=family.value,
+                    )
                     fp.proxier.need_full_sync = True
                     self.runner.request()
 
@@ -204,7 +213,9 @@ class Controller:
             try:
                 rebuilt = self._prepare(changes)
                 previous_udp = {
-                    family: {n: _udp_endpoints(fp.states.get(n, ())) for n in (changes.services or ())}
+                    family: {
+                        n: _udp_endpoints(fp.states.get(n, ())) for n in (changes.services or ())
+                    }
                     for family, fp in self.families.items()
                 }
                 for fp in self.families.values():
@@ -214,8 +225,10 @@ class Controller:
                 raise
         for problem in problems:
             logger.warning(
-                "skipping invalid object", kind=problem.kind,
-                object=f"{problem.namespace}/{problem.name}", field=problem.field,
+                "skipping invalid object",
+                kind=problem.kind,
+                object=f"{problem.namespace}/{problem.name}",
+                field=problem.field,
                 reason=problem.reason,
             )
         full_requested = rebuilt or periodic or changes.services is None
@@ -258,9 +271,7 @@ class Controller:
         )
         return True
 
-    def _sync_family(
-        self, fp: FamilyProxier, changed: set[NamespacedName] | None
-    ) -> SyncResult:
+    def _sync_family(self, fp: FamilyProxier, changed: set[NamespacedName] | None) -> SyncResult:
         family = fp.config.family.value
         try:
             return fp.proxier.sync(fp.states, changed)
@@ -268,8 +279,12 @@ class Controller:
             self.metrics.iptables_restore_failures_total.labels(family).inc()
             if changed is not None:
                 self.metrics.iptables_partial_restore_failures_total.labels(family).inc()
-            logger.error("iptables-restore failed; next sync is a full one", ip_family=family,
-                         error=str(err), offending_lines=list(err.offending_lines))
+            logger.error(
+                "iptables-restore failed; next sync is a full one",
+                ip_family=family,
+                error=str(err),
+                offending_lines=list(err.offending_lines),
+            )
             raise
 
     def _cleanup_conntrack(
@@ -293,8 +308,9 @@ class Controller:
             logger.warning("conntrack cleanup failed", ip_family=family.value, error=str(err))
             return
         if deleted:
-            logger.info("deleted stale UDP conntrack entries", ip_family=family.value,
-                        deleted=deleted)
+            logger.info(
+                "deleted stale UDP conntrack entries", ip_family=family.value, deleted=deleted
+            )
 
     def _after_sync(
         self, changes: Changes, results: Mapping[IPFamily, SyncResult], started: float
@@ -306,8 +322,11 @@ class Controller:
             fam = family.value
             self.health.updated(family)
             m.sync_proxy_rules_latency.labels(fam).observe(elapsed)
-            (m.sync_full_proxy_rules_latency if result.full
-             else m.sync_partial_proxy_rules_latency).labels(fam).observe(elapsed)
+            (
+                m.sync_full_proxy_rules_latency
+                if result.full
+                else m.sync_partial_proxy_rules_latency
+            ).labels(fam).observe(elapsed)
             m.sync_proxy_rules_last_timestamp.labels(fam).set(now)
             m.iptables_rules_total.labels(fam, "filter").set(result.filter_rules)
             m.iptables_rules_total.labels(fam, "nat").set(result.nat_rules)

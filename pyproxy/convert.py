@@ -169,7 +169,9 @@ class _Reader:
             raise self.invalid(field, f"unknown value {text!r} ({allowed})") from None
 
     def check_names(self, *, namespaced: bool, name_pattern: re.Pattern[str]) -> None:
-        if namespaced and (len(self.namespace) > 63 or not _DNS1123_LABEL.fullmatch(self.namespace)):
+        if namespaced and (
+            len(self.namespace) > 63 or not _DNS1123_LABEL.fullmatch(self.namespace)
+        ):
             raise self.invalid("metadata.namespace", f"{self.namespace!r} is not a DNS label")
         if len(self.name) > 253 or not name_pattern.fullmatch(self.name):
             raise self.invalid("metadata.name", f"{self.name!r} is not a valid name")
@@ -263,7 +265,10 @@ def service_from_api(obj: Mapping[str, object]) -> Service | None:
             LoadBalancerIngress(
                 ip=r.ip(entry.get("ip"), f"{where}.ip"),
                 ip_mode=r.enum_value(
-                    LoadBalancerIPMode, entry.get("ipMode"), f"{where}.ipMode", LoadBalancerIPMode.VIP
+                    LoadBalancerIPMode,
+                    entry.get("ipMode"),
+                    f"{where}.ipMode",
+                    LoadBalancerIPMode.VIP,
                 ),
             )
         )
@@ -321,7 +326,9 @@ def service_from_api(obj: Mapping[str, object]) -> Service | None:
         health_check_node_port=r.integer(
             spec.get("healthCheckNodePort"), "spec.healthCheckNodePort", 0, 65535
         ),
-        traffic_distribution=traffic_distribution if isinstance(traffic_distribution, str) else None,
+        traffic_distribution=traffic_distribution
+        if isinstance(traffic_distribution, str)
+        else None,
     )
 
 
@@ -364,7 +371,9 @@ def endpoint_slice_from_api(
     try:
         family = IPFamily(address_type)
     except ValueError:
-        raise r.invalid("addressType", f"unknown value {address_type!r} (IPv4, IPv6, FQDN)") from None
+        raise r.invalid(
+            "addressType", f"unknown value {address_type!r} (IPv4, IPv6, FQDN)"
+        ) from None
     service_name = _labels(obj).get(LABEL_SERVICE_NAME)
     if not isinstance(service_name, str) or not _DNS1035_LABEL.fullmatch(service_name):
         raise r.invalid(f"metadata.labels[{LABEL_SERVICE_NAME}]", "missing or not a Service name")
@@ -397,7 +406,8 @@ def endpoint_slice_from_api(
             if IPFamily.of(address) is not family:
                 raise r.invalid(
                     f"{where}.addresses[0]",
-                    f"{address} is not an {family.value} address (slice addressType {family.value})",
+                    f"{address} is not an {family.value} address"
+                    f" (slice addressType {family.value})",
                 )
         except InvalidObject as problem:
             if problems is not None:

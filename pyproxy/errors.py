@@ -2,7 +2,7 @@
 
     PyproxyError
     ├── ConfigError            bad flags or flag combinations (exit 2)
-    ├── StateFileError         a state file that cannot be read or parsed (exit 1, nothing programmed)
+    ├── StateFileError         an unreadable/unparsable state file (exit 1, nothing programmed)
     ├── InvalidObject          one API object with a missing/invalid field (skipped, others go on)
     └── KernelError            a kernel tool or netlink call failed (translated at the adapter edge)
         └── RestoreError       iptables-restore rejected its input; carries the offending lines
@@ -26,7 +26,7 @@ class StateFileError(PyproxyError):
     """A state file that cannot be read or parsed at all."""
 
 
-class InvalidObject(PyproxyError):  # noqa: N818 - reads as "an invalid object", like ValueError
+class InvalidObject(PyproxyError):
     """One API object is unusable; it is skipped and every other object is still used."""
 
     def __init__(self, kind: str, namespace: str, name: str, field: str, reason: str) -> None:

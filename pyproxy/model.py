@@ -126,9 +126,7 @@ class Service:
 
     @property
     def external_policy_local(self) -> bool:
-        return (
-            self.externally_accessible and self.external_traffic_policy is TrafficPolicy.LOCAL
-        )
+        return self.externally_accessible and self.external_traffic_policy is TrafficPolicy.LOCAL
 
     @property
     def internal_policy_local(self) -> bool:

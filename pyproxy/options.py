@@ -106,37 +106,91 @@ def build_parser() -> argparse.ArgumentParser:
         description="kube-proxy in Python: program Service rules for this node.",
     )
     p.add_argument("--proxy-mode", choices=("iptables", "ipvs"), default="iptables")
-    p.add_argument("--hostname-override", default="", metavar="NAME",
-                   help="this node's name (default: the host name)")
-    p.add_argument("--cluster-cidr", default="", metavar="CIDR[,CIDR]",
-                   help="pod CIDRs for local-traffic detection; empty: no detection")
-    p.add_argument("--masquerade-all", nargs="?", const=True, default=False, type=_flag_bool,
-                   help="masquerade all traffic to cluster IPs")
-    p.add_argument("--nodeport-addresses", default="", metavar="CIDR[,CIDR]|primary",
-                   help="addresses NodePorts answer on (default: every local address)")
-    p.add_argument("--iptables-localhost-nodeports", nargs="?", const=True, default=True,
-                   type=_flag_bool, metavar="BOOL", help="allow NodePorts on 127.0.0.1 (IPv4)")
+    p.add_argument(
+        "--hostname-override",
+        default="",
+        metavar="NAME",
+        help="this node's name (default: the host name)",
+    )
+    p.add_argument(
+        "--cluster-cidr",
+        default="",
+        metavar="CIDR[,CIDR]",
+        help="pod CIDRs for local-traffic detection; empty: no detection",
+    )
+    p.add_argument(
+        "--masquerade-all",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_flag_bool,
+        help="masquerade all traffic to cluster IPs",
+    )
+    p.add_argument(
+        "--nodeport-addresses",
+        default="",
+        metavar="CIDR[,CIDR]|primary",
+        help="addresses NodePorts answer on (default: every local address)",
+    )
+    p.add_argument(
+        "--iptables-localhost-nodeports",
+        nargs="?",
+        const=True,
+        default=True,
+        type=_flag_bool,
+        metavar="BOOL",
+        help="allow NodePorts on 127.0.0.1 (IPv4)",
+    )
     p.add_argument("--iptables-masquerade-bit", type=int, default=14, metavar="N")
-    p.add_argument("--iptables-sync-period", type=_flag_duration, default=30.0,
-                   metavar="DURATION", help="maximum interval between full syncs (default 30s)")
-    p.add_argument("--iptables-min-sync-period", type=_flag_duration, default=1.0,
-                   metavar="DURATION", help="minimum interval between syncs (default 1s)")
+    p.add_argument(
+        "--iptables-sync-period",
+        type=_flag_duration,
+        default=30.0,
+        metavar="DURATION",
+        help="maximum interval between full syncs (default 30s)",
+    )
+    p.add_argument(
+        "--iptables-min-sync-period",
+        type=_flag_duration,
+        default=1.0,
+        metavar="DURATION",
+        help="minimum interval between syncs (default 1s)",
+    )
     p.add_argument("--ipvs-scheduler", default="rr")
     p.add_argument("--healthz-bind-address", default="0.0.0.0:10256", metavar="IP:PORT")
     p.add_argument("--metrics-bind-address", default="127.0.0.1:10249", metavar="IP:PORT")
     p.add_argument("--kubeconfig", default=None, metavar="FILE")
-    p.add_argument("--cleanup", action="store_true",
-                   help="remove every rule and chain pyproxy created, then exit")
+    p.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="remove every rule and chain pyproxy created, then exit",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the rules, touch nothing")
-    p.add_argument("--state", default=None, metavar="FILE",
-                   help="take the cluster state from a file (kubectl get ... -o yaml)")
+    p.add_argument(
+        "--state",
+        default=None,
+        metavar="FILE",
+        help="take the cluster state from a file (kubectl get ... -o yaml)",
+    )
     p.add_argument("--once", action="store_true", help="sync once, then exit")
-    p.add_argument("--node-ip", action="append", type=_flag_ip, default=[], metavar="IP",
-                   help="a node IP (repeatable; the first is the primary)")
+    p.add_argument(
+        "--node-ip",
+        action="append",
+        type=_flag_ip,
+        default=[],
+        metavar="IP",
+        help="a node IP (repeatable; the first is the primary)",
+    )
     p.add_argument("--iptables-backend", choices=("auto", "legacy", "nft"), default="auto")
-    p.add_argument("--v", type=int, default=0, metavar="N", help="log verbosity (0: info, 2+: debug)")
-    p.add_argument("--feature-gates", default="", metavar="KEY=BOOL,...",
-                   help="supported: PreferSameTrafficDistribution")
+    p.add_argument(
+        "--v", type=int, default=0, metavar="N", help="log verbosity (0: info, 2+: debug)"
+    )
+    p.add_argument(
+        "--feature-gates",
+        default="",
+        metavar="KEY=BOOL,...",
+        help="supported: PreferSameTrafficDistribution",
+    )
     return p
 
 
@@ -224,7 +278,9 @@ def proxier_configs(
     for family in families:
         family_ips = tuple(ip for ip in ips if IPFamily.of(ip) is family)
         if options.nodeport_addresses == ("primary",):
-            nodeport: tuple[IPNetwork, ...] = (parse_cidr(f"{family_ips[0]}/{family_ips[0].max_prefixlen}"),)
+            nodeport: tuple[IPNetwork, ...] = (
+                parse_cidr(f"{family_ips[0]}/{family_ips[0].max_prefixlen}"),
+            )
         else:
             nodeport = tuple(
                 net
@@ -243,7 +299,9 @@ def proxier_configs(
                 node_name=options.node_name,
                 node_ips=family_ips,
                 zone=node.zone if node is not None else None,
-                cluster_cidr=next((c for c in options.cluster_cidrs if IPFamily.of(c) is family), None),
+                cluster_cidr=next(
+                    (c for c in options.cluster_cidrs if IPFamily.of(c) is family), None
+                ),
                 masquerade_all=options.masquerade_all,
                 masquerade_bit=options.masquerade_bit,
                 localhost_nodeports=localhost,

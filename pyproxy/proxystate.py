@@ -73,9 +73,7 @@ class ProxierConfig:
         # The loopback interface is a local interface too; the renderer decides if it may be used.
         loopback = ipaddress.ip_address("127.0.0.1" if self.family is IPFamily.IPv4 else "::1")
         candidates = (loopback, *self.node_ips)
-        return tuple(
-            ip for ip in candidates if any(ip in net for net in self.nodeport_addresses)
-        )
+        return tuple(ip for ip in candidates if any(ip in net for net in self.nodeport_addresses))
 
 
 @dataclass(frozen=True, slots=True)

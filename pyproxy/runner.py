@@ -63,8 +63,8 @@ class BoundedFrequencyRunner:
         """(run now?, periodic?, seconds to wait otherwise)."""
         earliest = self._last_run + self.min_interval
         periodic = now >= self._next_periodic
-        wanted = self._requested or periodic or (
-            self._retry_at is not None and now >= self._retry_at
+        wanted = (
+            self._requested or periodic or (self._retry_at is not None and now >= self._retry_at)
         )
         if wanted and now >= earliest:
             return True, periodic, 0.0
@@ -91,7 +91,7 @@ class BoundedFrequencyRunner:
                 self._next_periodic = now + self.max_interval
         try:
             self._fn(periodic)
-        except Exception:  # noqa: BLE001 - any failure of a sync is retried, never fatal
+        except Exception:
             logger.exception("sync failed; will retry", retry_in_s=self.retry_interval)
             with self._cond:
                 self._retry_at = self._clock() + self.retry_interval

@@ -89,7 +89,9 @@ class KernelView:
 
     def has_hook(self, hook: JumpRule) -> bool:
         return any(
-            r.chain == hook.chain and r.target == hook.target and r.comment == (hook.comment or None)
+            r.chain == hook.chain
+            and r.target == hook.target
+            and r.comment == (hook.comment or None)
             for r in self.table(hook.table).rules
         )
 
@@ -117,7 +119,9 @@ def cleanup_document(view: KernelView, hooks: Iterable[JumpRule]) -> str:
         if tview is None:
             continue
         ours = _ours(table, tview, kubelet_present)
-        hook_rules = [h for h in hooks if h.table == table and view.has_hook(h) and h.target in ours]
+        hook_rules = [
+            h for h in hooks if h.table == table and view.has_hook(h) and h.target in ours
+        ]
         hook_keys = {(h.chain, h.target, h.comment or None) for h in hook_rules}
         # Keep any chain a foreign rule still jumps to; repeat since keeping one keeps its targets.
         while True:

@@ -98,9 +98,7 @@ class IptablesProxier:
         """Write `states` to the kernel. `changed` lists the Services that changed since the
         last successful sync; None (or a pending failure) forces a full sync."""
         now = self._clock()
-        full = (
-            self.need_full_sync or changed is None or now - self._last_full > FULL_SYNC_PERIOD
-        )
+        full = self.need_full_sync or changed is None or now - self._last_full > FULL_SYNC_PERIOD
         rerendered = self.render(states, None if self.need_full_sync else changed)
         changed_set = None if rerendered is None else set(rerendered)
         ports = [rules for name in self._order for rules in self._rendered[name]]
@@ -132,5 +130,7 @@ class IptablesProxier:
             nat_rules=ruleset.nat_rules,
             no_local_internal=ruleset.no_local_internal,
             no_local_external=ruleset.no_local_external,
-            services_written=len(self._rendered) if full or changed_set is None else len(changed_set),
+            services_written=len(self._rendered)
+            if full or changed_set is None
+            else len(changed_set),
         )

@@ -13,7 +13,7 @@ Services that did not change (upstream's partial sync).
 
 Layout (see also ../shared/reference/kube-proxy.md, section b):
 
-    nat PREROUTING/OUTPUT → KUBE-SERVICES ─┬─ cluster IP ──────────→ KUBE-SVC-/KUBE-SVL-* → KUBE-SEP-* (DNAT)
+    nat PREROUTING/OUTPUT → KUBE-SERVICES ─┬─ cluster IP ─→ KUBE-SVC-/KUBE-SVL-* → KUBE-SEP-* (DNAT)
                                            ├─ external IP ─────────→ KUBE-EXT-* → SVC/SVL
                                            ├─ LB IP ──→ KUBE-FW-* (source ranges) → KUBE-EXT-*
                                            └─ (last) local dst ────→ KUBE-NODEPORTS → KUBE-EXT-*
@@ -58,6 +58,7 @@ NAT_CHAINS = (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ)
 SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
 
 NODEPORTS_COMMENT = '"kubernetes service nodeports; NOTE: this must be the last rule in this chain"'
+_NODEPORTS_RULE = f"-A {KUBE_SERVICES} -m comment --comment {NODEPORTS_COMMENT}"
 
 
 # --- chain names --------------------------------------------------------------------------
@@ -137,7 +138,7 @@ class ServicePortRules:
 
 
 def _local_detect(config: ProxierConfig, negate: bool) -> str:
-    assert config.cluster_cidr is not None
+    """kube-proxy's ClusterCIDR local-traffic detector (callers check it is configured)."""
     return f"{'! ' if negate else ''}-s {config.cluster_cidr}"
 
 
@@ -447,16 +448,12 @@ def nodeports_jump_rules(config: ProxierConfig) -> list[str]:
             dest += " ! -d ::1/128"
         elif not config.localhost_nodeports:
             dest += " ! -d 127.0.0.0/8"
-        return [
-            f"-A {KUBE_SERVICES} -m comment --comment {NODEPORTS_COMMENT} {dest} -j {KUBE_NODEPORTS}"
-        ]
+        return [f"{_NODEPORTS_RULE} {dest} -j {KUBE_NODEPORTS}"]
     rules = []
     for ip in ips:
         if ip.is_loopback and (config.family is IPFamily.IPv6 or not config.localhost_nodeports):
             continue
-        rules.append(
-            f"-A {KUBE_SERVICES} -m comment --comment {NODEPORTS_COMMENT} -d {ip} -j {KUBE_NODEPORTS}"
-        )
+        rules.append(f"{_NODEPORTS_RULE} -d {ip} -j {KUBE_NODEPORTS}")
     return rules
 
 
@@ -486,15 +483,31 @@ def jump_rules(config: ProxierConfig) -> tuple[JumpRule, ...]:
     Upstream prepends each in this order, so the last one ends up first in its chain.
     """
     rules = [
-        JumpRule("filter", "INPUT", _NEW, KUBE_EXTERNAL_SERVICES, "kubernetes externally-visible service portals"),
-        JumpRule("filter", "FORWARD", _NEW, KUBE_EXTERNAL_SERVICES, "kubernetes externally-visible service portals"),
+        JumpRule(
+            "filter",
+            "INPUT",
+            _NEW,
+            KUBE_EXTERNAL_SERVICES,
+            "kubernetes externally-visible service portals",
+        ),
+        JumpRule(
+            "filter",
+            "FORWARD",
+            _NEW,
+            KUBE_EXTERNAL_SERVICES,
+            "kubernetes externally-visible service portals",
+        ),
         JumpRule("filter", "INPUT", "", KUBE_NODEPORTS, "kubernetes health check service ports"),
         JumpRule("filter", "FORWARD", _NEW, KUBE_SERVICES, "kubernetes service portals"),
         JumpRule("filter", "OUTPUT", _NEW, KUBE_SERVICES, "kubernetes service portals"),
         JumpRule("filter", "FORWARD", "", KUBE_FORWARD, "kubernetes forwarding rules"),
         JumpRule("filter", "INPUT", _NEW, KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall"),
-        JumpRule("filter", "OUTPUT", _NEW, KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall"),
-        JumpRule("filter", "FORWARD", _NEW, KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall"),
+        JumpRule(
+            "filter", "OUTPUT", _NEW, KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall"
+        ),
+        JumpRule(
+            "filter", "FORWARD", _NEW, KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall"
+        ),
         JumpRule("nat", "OUTPUT", "", KUBE_SERVICES, "kubernetes service portals"),
         JumpRule("nat", "PREROUTING", "", KUBE_SERVICES, "kubernetes service portals"),
         JumpRule("nat", "POSTROUTING", "", KUBE_POSTROUTING, "kubernetes postrouting rules"),
@@ -625,7 +638,9 @@ def render_ruleset(
     states: Iterable[ServicePortState], config: ProxierConfig, *, random_fully: bool = True
 ) -> Ruleset:
     """The full restore input for a family from its service port states (any order)."""
-    ordered = sorted(states, key=lambda s: (service_order(s.info.name.namespaced_name), port_order(s)))
+    ordered = sorted(
+        states, key=lambda s: (service_order(s.info.name.namespaced_name), port_order(s))
+    )
     large = is_large_cluster(sum(len(s.endpoints) for s in ordered))
     rendered = [render_service_port(s, config, large_cluster_mode=large) for s in ordered]
     return assemble_ruleset(rendered, config, random_fully=random_fully)

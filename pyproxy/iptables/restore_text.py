@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from pyproxy.errors import PyproxyError
+
 __all__ = [
     "BUILTIN_CHAINS",
     "BUILTIN_TARGETS",
@@ -88,7 +90,7 @@ FIXED_KUBE_CHAINS = frozenset(
 )  # fmt: skip
 
 
-class RulesetParseError(ValueError):
+class RulesetParseError(PyproxyError, ValueError):
     """The text is not structurally valid iptables-restore / iptables-save data."""
 
     def __init__(self, lineno: int, line: str, reason: str) -> None:

@@ -53,6 +53,7 @@ from pyproxy.iptables.restore_text import (
 )
 
 __all__ = [
+    "DIRECT_FILTER_CHAINS",
     "FIXED_KUBE_CHAINS",
     "Branch",
     "Rule",
@@ -567,8 +568,7 @@ def _jumps_to_kube(table: Table | None, chains: Iterable[str]) -> bool:
         chain = table.chain(name)
         if chain is None:
             continue
-        for rule in chain.rules:
-            t = rule.target
+        for t in chain.targets():
             if t is not None and t.startswith("KUBE-"):
                 return True
     return False

@@ -17,10 +17,10 @@ from pyproxy.convert import state_from_objects
 from pyproxy.errors import InvalidObject, StateFileError
 from pyproxy.model import ClusterState
 
-try:  # libyaml is ~10x faster on big dumps; fall back to the pure-Python loader.
-    _Loader: type[yaml.SafeLoader] = yaml.CSafeLoader
-except AttributeError:  # pragma: no cover - depends on how PyYAML was built
-    _Loader = yaml.SafeLoader
+# libyaml is ~10x faster on big dumps; fall back to the pure-Python loader.
+_Loader: type[yaml.CSafeLoader] | type[yaml.SafeLoader] = getattr(
+    yaml, "CSafeLoader", yaml.SafeLoader
+)
 
 
 def _objects(doc: object, path: Path, index: int) -> Iterator[Mapping[str, object]]:
@@ -46,7 +46,7 @@ def read_objects(path: Path) -> list[Mapping[str, object]]:
     except (OSError, UnicodeDecodeError) as err:
         raise StateFileError(f"cannot read state file {path}: {err}") from err
     try:
-        docs = list(yaml.load_all(text, Loader=_Loader))  # noqa: S506 - CSafeLoader/SafeLoader
+        docs = list(yaml.load_all(text, Loader=_Loader))
     except yaml.YAMLError as err:
         raise StateFileError(f"cannot parse state file {path}: {err}") from err
     objects: list[Mapping[str, object]] = []
