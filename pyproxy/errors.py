@@ -4,6 +4,7 @@
     ├── ConfigError            bad flags or flag combinations (exit 2)
     ├── StateFileError         an unreadable/unparsable state file (exit 1, nothing programmed)
     ├── InvalidObject          one API object with a missing/invalid field (skipped, others go on)
+    ├── RulesetParseError      iptables-save/restore text the tracer cannot read (restore_text.py)
     └── KernelError            a kernel tool or netlink call failed (translated at the adapter edge)
         └── RestoreError       iptables-restore rejected its input; carries the offending lines
 

@@ -316,10 +316,6 @@ class Rule:
         return None if self.statistic is None else self.statistic.chance
 
 
-def _chains_default() -> dict[str, Chain]:
-    return {}
-
-
 @dataclass(frozen=True, slots=True)
 class Chain:
     """A chain and its rule lines; the lines are parsed into :class:`Rule` on first use.
@@ -357,9 +353,7 @@ class Chain:
 class Table:
     name: str
     chains: tuple[Chain, ...] = ()
-    _index: Mapping[str, Chain] = field(
-        init=False, repr=False, compare=False, hash=False, default_factory=_chains_default
-    )
+    _index: Mapping[str, Chain] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_index", MappingProxyType({c.name: c for c in self.chains}))
@@ -373,18 +367,12 @@ class Table:
         return BUILTIN_CHAINS.get(self.name, frozenset())
 
 
-def _tables_default() -> dict[str, Table]:
-    return {}
-
-
 @dataclass(frozen=True, slots=True)
 class Ruleset:
     """Tables in order of first appearance; a table appearing twice is merged."""
 
     tables: tuple[Table, ...] = ()
-    _index: Mapping[str, Table] = field(
-        init=False, repr=False, compare=False, hash=False, default_factory=_tables_default
-    )
+    _index: Mapping[str, Table] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_index", MappingProxyType({t.name: t for t in self.tables}))
