@@ -1,0 +1,53 @@
+# syntax=docker/dockerfile:1
+# pyproxy container image: kube-proxy's replacement, run by manifests/daemonset.yaml.
+#
+#   docker build -t pyproxy:dev .
+#
+# Stage 1 builds pyproxy's wheel; stage 2 is a slim Python with the kernel tools
+# pyproxy drives and the wheel installed from PyPI-resolved binary wheels only.
+# No compiler, no pip cache, no apt lists and no source tree end up in the image.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---- build: the wheel ---------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS build
+WORKDIR /src
+# Only what the wheel is built from (see .dockerignore); setuptools comes from
+# PyPI through pip's isolated build environment (pyproject.toml build-system).
+COPY pyproject.toml README.md ./
+COPY pyproxy ./pyproxy
+RUN pip wheel --no-cache-dir --no-deps -w /dist .
+
+# ---- final image ---------------------------------------------------------------
+FROM ${PYTHON_IMAGE}
+
+# Debian packages of the tools pyproxy runs on the node (hostNetwork):
+#   iptables  iptables-{legacy,nft}{,-save,-restore}; pyproxy picks the variant the
+#             host uses (--iptables-backend auto), like kube-proxy's image does
+#   ipset     IPVS mode's sets          ipvsadm    IPVS inspection
+#   conntrack stale UDP flow deletion   iproute2   ip addr/route (kube-ipvs0, node IPs)
+#   kmod      modprobe ip_vs*, nf_conntrack (with the host's /lib/modules mounted)
+# Versions are not pinned: the bookworm suite only receives security updates,
+# which the image should pick up on rebuild.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        conntrack \
+        iproute2 \
+        ipset \
+        iptables \
+        ipvsadm \
+        kmod \
+    && rm -rf /var/lib/apt/lists/*
+
+# The wheel is bind-mounted from the build stage instead of copied, so it leaves
+# no layer behind. Dependencies come from PyPI as binary wheels only
+# (--only-binary): there is no compiler here, and none is wanted.
+RUN --mount=type=bind,from=build,source=/dist,target=/dist \
+    pip install --no-cache-dir --only-binary=:all: /dist/*.whl \
+    && pyproxy --help >/dev/null
+
+ENV PYTHONUNBUFFERED=1
+# Root, like kube-proxy: the DaemonSet runs it privileged in the host network
+# namespace to program iptables/IPVS (see manifests/daemonset.yaml).
+ENTRYPOINT ["pyproxy"]
