@@ -128,7 +128,7 @@ def run_controller(options: ProxyOptions) -> int:
         backend=backend,
         source_factory=lambda c: KubeSource(options.kubeconfig, options.node_name, c),
         host_addresses=host_addresses,
-        conntrack=ConntrackCleaner(),
+        conntrack=ConntrackCleaner,
     )
     logger.info(
         "starting",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -25,6 +25,7 @@ import structlog
 
 from pyproxy import sysctl
 from pyproxy.changes import Changes, ChangeTracker
+from pyproxy.conntrack import CleanupResult
 from pyproxy.errors import PyproxyError, RestoreError
 from pyproxy.healthcheck import HealthzServer, ProxyHealth, ServiceHealthServer
 from pyproxy.iptables.proxier import IptablesProxier, SyncResult
@@ -48,14 +49,26 @@ class Source(Protocol):
 
 
 class ConntrackCleaner(Protocol):
-    def cleanup(self, family: IPFamily, states: Sequence[ServicePortState]) -> int: ...
+    def clean(
+        self,
+        *,
+        previous: Mapping[NamespacedName, tuple[ServicePortState, ...]],
+        current: Mapping[NamespacedName, tuple[ServicePortState, ...]],
+    ) -> CleanupResult: ...
 
 
 @dataclass
 class FamilyProxier:
     config: ProxierConfig
     proxier: IptablesProxier
+    conntrack: ConntrackCleaner | None = None
     states: ServiceStates = field(default_factory=dict)
+    #: A conntrack cleanup failed: retry it after the next sync.
+    conntrack_pending: bool = False
+
+
+def _has_udp(ports: tuple[ServicePortState, ...]) -> bool:
+    return any(p.info.protocol is L4.UDP for p in ports)
 
 
 def _udp_endpoints(ports: tuple[ServicePortState, ...]) -> frozenset[tuple[str, str]]:
@@ -75,7 +88,7 @@ class Controller:
         backend: str,
         source_factory: Callable[[Controller], Source],
         host_addresses: Callable[[], tuple[IPAddress, ...]],
-        conntrack: ConntrackCleaner | None = None,
+        conntrack: Callable[[IPFamily], ConntrackCleaner] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.options = options
@@ -212,10 +225,10 @@ class Controller:
             problems = self.tracker.take_problems()
             try:
                 rebuilt = self._prepare(changes)
-                previous_udp = {
-                    family: {
-                        n: _udp_endpoints(fp.states.get(n, ())) for n in (changes.services or ())
-                    }
+                previous = {
+                    family: dict(fp.states)
+                    if changes.services is None
+                    else {n: fp.states[n] for n in changes.services if n in fp.states}
                     for family, fp in self.families.items()
                 }
                 for fp in self.families.values():
@@ -238,7 +251,7 @@ class Controller:
                 results[family] = self._sync_family(
                     fp, None if full_requested else changes.services
                 )
-                self._cleanup_conntrack(family, fp, changes, previous_udp.get(family, {}))
+                self._cleanup_conntrack(family, fp, changes, previous.get(family, {}))
         except Exception:
             with self._lock:
                 self.tracker.requeue(changes)
@@ -255,7 +268,11 @@ class Controller:
         if old == {c.family: c for c in configs}:
             return False
         self.families = {
-            c.family: FamilyProxier(c, IptablesProxier(c, Iptables(c.family, self.backend)))
+            c.family: FamilyProxier(
+                c,
+                IptablesProxier(c, Iptables(c.family, self.backend)),
+                self._conntrack(c.family) if self._conntrack is not None else None,
+            )
             for c in configs
         }
         primary = configs[0]
@@ -292,24 +309,33 @@ class Controller:
         family: IPFamily,
         fp: FamilyProxier,
         changes: Changes,
-        previous_udp: Mapping[NamespacedName, frozenset[tuple[str, str]]],
+        previous: Mapping[NamespacedName, tuple[ServicePortState, ...]],
     ) -> None:
-        if self._conntrack is None:
+        """Delete UDP flows still pointing at endpoints that are gone, and flows cached while a
+        Service had no endpoints, in the same sync (upstream's conntrack cleanup)."""
+        if fp.conntrack is None:
             return
         names = changes.services if changes.services is not None else set(fp.states)
-        if changes.services is not None and not any(
-            previous_udp.get(n, frozenset()) != _udp_endpoints(fp.states.get(n, ())) for n in names
-        ):
+        udp_changed = any(
+            _udp_endpoints(previous.get(n, ())) != _udp_endpoints(fp.states.get(n, ()))
+            or _has_udp(previous.get(n, ())) != _has_udp(fp.states.get(n, ()))
+            for n in names
+        )
+        if not (udp_changed or fp.conntrack_pending or changes.services is None):
             return
-        states = [p for ports in fp.states.values() for p in ports if p.info.protocol is L4.UDP]
         try:
-            deleted = self._conntrack.cleanup(family, states)
+            result = fp.conntrack.clean(previous=previous, current=fp.states)
         except PyproxyError as err:
+            fp.conntrack_pending = True
             logger.warning("conntrack cleanup failed", ip_family=family.value, error=str(err))
             return
-        if deleted:
+        fp.conntrack_pending = False
+        if result.deleted:
             logger.info(
-                "deleted stale UDP conntrack entries", ip_family=family.value, deleted=deleted
+                "deleted stale UDP conntrack entries",
+                ip_family=family.value,
+                deleted=result.deleted,
+                scanned=result.scanned,
             )
 
     def _after_sync(
