@@ -1,0 +1,372 @@
+"""pyproxy as the node agent against a real kube-apiserver + etcd, with real packets.
+
+pyproxy runs as a process in netlab's node-a namespace (it programs that namespace's iptables) and
+reaches the API server through a loopback bridge: socat listens on 127.0.0.1:<apiserver port>
+inside the namespace and forwards over a Unix socket to socat on the host, which connects to
+the apiserver on the host's 127.0.0.1. No traffic leaves loopback and the namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import kubernetes
+import pytest
+import yaml
+from controlplane import ControlPlane, api_client
+from netlab import Cluster, Reply, tcp_ask, udp_ask
+from netlab.fixtures import cluster_fixture
+
+pytestmark = [pytest.mark.integration, pytest.mark.kernel]
+
+CLUSTER_CIDRS = "10.244.0.0/16"
+A1, A2, B1 = "10.244.1.11", "10.244.1.12", "10.244.2.11"
+NODE_A = "172.30.0.2"
+
+node_cluster = cluster_fixture({"a": ("a1", "a2"), "b": ("b1",)})
+
+
+def eventually(check: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not true within {timeout} s: {what or check}")
+
+
+class Agent:
+    """pyproxy running in node-a, with its log."""
+
+    def __init__(self, cluster: Cluster, kubeconfig: Path, workdir: Path) -> None:
+        self.cluster = cluster
+        self.node = cluster.node("a")
+        self.kubeconfig = kubeconfig
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "pyproxy.log"
+
+    def start(self) -> None:
+        argv = [
+            sys.executable, "-m", "pyproxy", "--kubeconfig", str(self.kubeconfig),
+            "--hostname-override", "node-a", "--node-ip", NODE_A,
+            "--cluster-cidr", CLUSTER_CIDRS, "--iptables-backend", "nft",
+            "--iptables-min-sync-period", "0", "--iptables-sync-period", "30s",
+            "--healthz-bind-address", "0.0.0.0:10256",
+            "--metrics-bind-address", "127.0.0.1:10249",
+        ]
+        log = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.node.name, *argv], stdout=log, stderr=log
+        )
+        log.close()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=20)
+        self.proc = None
+        return code
+
+    def save(self) -> str:
+        return self.node.run(["iptables-nft-save"]).stdout
+
+    def get(self, url: str) -> tuple[int, str]:
+        out = self.node.run(
+            ["curl", "-s", "--noproxy", "*", "-o", "-", "-w", "\n%{http_code}", url], check=False
+        ).stdout
+        body, _, code = out.rpartition("\n")
+        return int(code or 0), body
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def agent(
+    node_cluster: Cluster, control_plane: ControlPlane, tmp_path: Path
+) -> Iterator[Agent]:
+    port = urllib.parse.urlsplit(control_plane.server).port
+    sock = tmp_path / "api.sock"
+    host = subprocess.Popen(
+        ["socat", f"UNIX-LISTEN:{sock},fork,mode=600", f"TCP:127.0.0.1:{port}"],
+        stderr=subprocess.DEVNULL,
+    )
+    eventually(sock.exists, 5, "host bridge socket")
+    node_cluster.node("a").popen(
+        ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr", f"UNIX-CONNECT:{sock}"]
+    )
+    node_cluster.client_route("192.0.2.0/24", "a")
+    a = Agent(node_cluster, control_plane.kubeconfig_proxy, tmp_path)
+    a.start()
+    try:
+        yield a
+    finally:
+        if a.proc is not None:
+            a.stop(signal.SIGKILL)
+        host.terminate()
+        host.wait(timeout=5)
+        print(a.text()[-4000:])
+
+
+@pytest.fixture
+def api(control_plane: ControlPlane) -> Iterator[kubernetes.client.ApiClient]:
+    with api_client(control_plane.kubeconfig_admin) as client:
+        yield client
+
+
+def make_service(
+    api: kubernetes.client.ApiClient, ns: str, name: str, ip: str, *, proto: str = "TCP",
+    port: int = 80, spec: dict[str, object] | None = None,
+) -> None:
+    body = {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+        "spec": {"clusterIP": ip, "ports": [{"name": "p", "port": port, "protocol": proto}],
+                 **(spec or {})},
+    }
+    kubernetes.client.CoreV1Api(api).create_namespaced_service(ns, body)
+
+
+def set_endpoints(
+    api: kubernetes.client.ApiClient, ns: str, service: str, eps: list[tuple[str, str]],
+    *, port: int = 8080, proto: str = "TCP", port_name: str = "p",
+) -> None:
+    body = {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": f"{service}-x", "namespace": ns,
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": port_name, "port": port, "protocol": proto}],
+        "endpoints": [{"addresses": [ip], "nodeName": node, "conditions": {"ready": True}}
+                      for ip, node in eps],
+    }
+    d = kubernetes.client.DiscoveryV1Api(api)
+    try:
+        d.replace_namespaced_endpoint_slice(f"{service}-x", ns, body)
+    except kubernetes.client.ApiException as err:
+        if err.status != 404:
+            raise
+        d.create_namespaced_endpoint_slice(ns, body)
+
+
+def answers(where: object, ip: str, port: int, n: int = 20) -> set[str]:
+    names = set()
+    for _ in range(n):
+        r = tcp_ask(where, ip, port, timeout=1)
+        names.add(r.name if isinstance(r, Reply) else type(r).__name__)
+    return names
+
+
+def test_service_lifecycle_follows_the_api(agent: Agent, api: kubernetes.client.ApiClient,
+                                           namespace: str) -> None:
+    c = agent.cluster
+    make_service(api, namespace, "web", "10.96.1.10")
+    set_endpoints(api, namespace, "web", [(A1, "node-a")])
+    eventually(lambda: answers(c.pod("a2"), "10.96.1.10", 80, 3) == {"a1"}, what="first answer")
+
+    set_endpoints(api, namespace, "web", [(A1, "node-a"), (B1, "node-b")])
+    eventually(lambda: answers(c.pod("a2"), "10.96.1.10", 80, 30) == {"a1", "b1"}, what="2 eps")
+    set_endpoints(api, namespace, "web", [(B1, "node-b")])
+    eventually(lambda: answers(c.pod("a2"), "10.96.1.10", 80, 10) == {"b1"}, what="1 ep")
+
+    core = kubernetes.client.CoreV1Api(api)
+    core.patch_namespaced_service("web", namespace, {"spec": {"type": "NodePort", "ports": [
+        {"name": "p", "port": 80, "protocol": "TCP", "nodePort": 30080}]}})
+    eventually(lambda: answers(c.client, NODE_A, 30080, 3) == {"b1"}, what="NodePort")
+
+    core.patch_namespaced_service("web", namespace, {"spec": {"type": "LoadBalancer"}})
+    core.patch_namespaced_service_status(
+        "web", namespace, {"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}}}
+    )
+    eventually(lambda: answers(c.client, "192.0.2.10", 80, 3) == {"b1"}, what="LB IP")
+
+    chains_before = agent.save().count(":KUBE-SVC-")
+    core.delete_namespaced_service("web", namespace)
+    eventually(lambda: "Reply" not in str(answers(c.pod("a2"), "10.96.1.10", 80, 2))
+               and "b1" not in answers(c.pod("a2"), "10.96.1.10", 80, 2), what="gone")
+    eventually(lambda: agent.save().count(":KUBE-SVC-") == chains_before - 1, what="chain gone")
+
+
+def test_survives_api_server_outage(agent: Agent, api: kubernetes.client.ApiClient,
+                                    namespace: str, control_plane: ControlPlane) -> None:
+    c = agent.cluster
+    make_service(api, namespace, "web", "10.96.1.20")
+    set_endpoints(api, namespace, "web", [(A1, "node-a")])
+    eventually(lambda: answers(c.pod("a2"), "10.96.1.20", 80, 2) == {"a1"})
+    control_plane.stop_apiserver()
+    try:
+        for _ in range(10):
+            assert answers(c.pod("a2"), "10.96.1.20", 80, 2) == {"a1"}
+            time.sleep(0.3)
+    finally:
+        control_plane.start_apiserver()
+    set_endpoints(api, namespace, "web", [(B1, "node-b")])
+    eventually(lambda: answers(c.pod("a2"), "10.96.1.20", 80, 5) == {"b1"}, 30, "after outage")
+    assert agent.proc is not None and agent.proc.poll() is None
+
+
+def _dump(api: kubernetes.client.ApiClient) -> dict[str, object]:
+    items: list[object] = []
+    core = kubernetes.client.CoreV1Api(api)
+    disc = kubernetes.client.DiscoveryV1Api(api)
+    for kind, lister in (("Service", core.list_service_for_all_namespaces),
+                         ("EndpointSlice", disc.list_endpoint_slice_for_all_namespaces)):
+        for obj in api.sanitize_for_serialization(lister().items):
+            items.append({"kind": kind, **obj})
+    return {"apiVersion": "v1", "kind": "List", "items": items}
+
+
+def _chains(text: str) -> dict[str, int]:
+    """KUBE-* chains and how many rules each has, from save or restore text."""
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith(":KUBE-") and "CANARY" not in line:
+            counts.setdefault(line[1:].split()[0], 0)
+        elif line.startswith("-A KUBE-"):
+            chain = line.split()[1]
+            counts[chain] = counts.get(chain, 0) + 1
+    return counts
+
+
+def test_kill_during_burst_then_converges_to_dry_run(
+    agent: Agent, api: kubernetes.client.ApiClient, namespace: str, tmp_path: Path
+) -> None:
+    c = agent.cluster
+    make_service(api, namespace, "stable", "10.96.1.30")
+    set_endpoints(api, namespace, "stable", [(A1, "node-a")])
+    eventually(lambda: answers(c.pod("a2"), "10.96.1.30", 80, 2) == {"a1"})
+
+    failures: list[object] = []
+    for i in range(20):
+        make_service(api, namespace, f"burst{i}", f"10.96.2.{i + 1}")
+        set_endpoints(api, namespace, f"burst{i}", [(A1, "node-a"), (B1, "node-b")])
+        if i == 8:
+            agent.stop(signal.SIGKILL)
+        r = tcp_ask(c.pod("a2"), "10.96.1.30", 80, timeout=1)
+        if not isinstance(r, Reply):
+            failures.append(r)
+    for i in range(0, 20, 3):
+        kubernetes.client.CoreV1Api(api).delete_namespaced_service(f"burst{i}", namespace)
+    agent.start()
+    state = tmp_path / "dump.yaml"
+    state.write_text(yaml.safe_dump(_dump(api)))
+    expected = subprocess.run(
+        [sys.executable, "-m", "pyproxy", "--dry-run", "--state", str(state),
+         "--hostname-override", "node-a", "--node-ip", NODE_A, "--cluster-cidr", CLUSTER_CIDRS],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    want = _chains(expected)
+    eventually(lambda: _chains(agent.save()) == want, 30, "kernel == dry-run")
+    for _ in range(10):
+        r = tcp_ask(c.pod("a2"), "10.96.1.30", 80, timeout=1)
+        if not isinstance(r, Reply):
+            failures.append(r)
+    assert failures == []
+
+
+def test_relist_after_compaction_drops_nothing(
+    agent: Agent, api: kubernetes.client.ApiClient, namespace: str, control_plane: ControlPlane
+) -> None:
+    c = agent.cluster
+    make_service(api, namespace, "one", "10.96.1.40")
+    set_endpoints(api, namespace, "one", [(A1, "node-a")])
+    eventually(lambda: answers(c.pod("a2"), "10.96.1.40", 80, 2) == {"a1"})
+    control_plane.stop_apiserver()
+    control_plane.compact_etcd()
+    control_plane.start_apiserver()
+    make_service(api, namespace, "two", "10.96.1.41")
+    set_endpoints(api, namespace, "two", [(B1, "node-b")])
+    control_plane.compact_etcd()
+    eventually(lambda: answers(c.pod("a2"), "10.96.1.41", 80, 2) == {"b1"}, 30, "new service")
+    assert answers(c.pod("a2"), "10.96.1.40", 80, 5) == {"a1"}
+
+
+def test_udp_flow_moves_when_its_endpoint_goes(agent: Agent, api: kubernetes.client.ApiClient,
+                                               namespace: str) -> None:
+    c = agent.cluster
+    make_service(api, namespace, "dns", "10.96.1.53", proto="UDP", port=53)
+    set_endpoints(api, namespace, "dns", [(A1, "node-a")], port=5353, proto="UDP")
+    eventually(lambda: isinstance(udp_ask(c.pod("a2"), "10.96.1.53", 53, 1, src_port=40000),
+                                  Reply))
+    first = udp_ask(c.pod("a2"), "10.96.1.53", 53, 1, src_port=40000)
+    assert isinstance(first, Reply) and first.name == "a1"
+    set_endpoints(api, namespace, "dns", [(B1, "node-b")], port=5353, proto="UDP")
+
+    def moved() -> bool:
+        r = udp_ask(c.pod("a2"), "10.96.1.53", 53, 1, src_port=40000)
+        return isinstance(r, Reply) and r.name == "b1"
+
+    eventually(moved, 10, "steady UDP flow answered by the remaining endpoint")
+
+
+def test_health_metrics_and_health_check_node_port(
+    agent: Agent, api: kubernetes.client.ApiClient, namespace: str
+) -> None:
+    make_service(api, namespace, "lb", "10.96.1.60", spec={
+        "type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32060,
+        "ports": [{"name": "p", "port": 80, "protocol": "TCP", "nodePort": 30060}]})
+    set_endpoints(api, namespace, "lb", [(B1, "node-b")])
+    # Without its Node object the node is not eligible: /healthz 503, /livez 200 (upstream).
+    eventually(lambda: agent.get("http://127.0.0.1:10256/livez")[0] == 200, what="livez")
+    code, body = agent.get("http://127.0.0.1:10256/healthz")
+    assert code == 503 and json.loads(body)["nodeEligible"] is False
+    core = kubernetes.client.CoreV1Api(api)
+    core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}})
+    try:
+        eventually(lambda: agent.get("http://127.0.0.1:10256/healthz")[0] == 200, what="healthz")
+    finally:
+        core.delete_node("node-a")
+    code, body = agent.get("http://127.0.0.1:10256/healthz")
+    doc = json.loads(body)
+    assert doc["healthy"] is True and "lastUpdated" in doc and "nodeEligible" in doc
+
+    eventually(lambda: agent.get(f"http://{NODE_A}:32060/")[0] == 503, what="hcnp 503")
+    assert json.loads(agent.get(f"http://{NODE_A}:32060/")[1])["localEndpoints"] == 0
+    set_endpoints(api, namespace, "lb", [(A1, "node-a"), (B1, "node-b")])
+    eventually(lambda: agent.get(f"http://{NODE_A}:32060/")[0] == 200, what="hcnp 200")
+    assert json.loads(agent.get(f"http://{NODE_A}:32060/")[1]) == {
+        "service": {"namespace": namespace, "name": "lb"}, "localEndpoints": 1,
+        "serviceProxyHealthy": True}
+
+    code, metrics = agent.get("http://127.0.0.1:10249/metrics")
+    assert code == 200
+    for name in ("kubeproxy_sync_proxy_rules_duration_seconds",
+                 "kubeproxy_sync_full_proxy_rules_duration_seconds",
+                 "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                 "kubeproxy_sync_proxy_rules_iptables_total",
+                 "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+                 "kubeproxy_network_programming_duration_seconds"):
+        assert name in metrics, name
+    assert agent.get("http://127.0.0.1:10249/proxyMode") == (200, "iptables")
+
+
+def test_bad_objects_are_logged_and_skipped(agent: Agent, api: kubernetes.client.ApiClient,
+                                            namespace: str) -> None:
+    c = agent.cluster
+    make_service(api, namespace, "good", "10.96.1.70")
+    set_endpoints(api, namespace, "good", [(A1, "node-a")])
+    # A slice whose port name matches no Service port: the Service has no endpoints.
+    make_service(api, namespace, "mismatch", "10.96.1.71")
+    set_endpoints(api, namespace, "mismatch", [(B1, "node-b")], port_name="nope")
+    eventually(lambda: answers(c.pod("a2"), "10.96.1.70", 80, 2) == {"a1"})
+    eventually(lambda: answers(c.pod("a2"), "10.96.1.71", 80, 2) == {"Refused"}, what="REJECT")
+    assert agent.proc is not None and agent.proc.poll() is None
+
+
+def test_sigterm_leaves_rules_in_place(agent: Agent, api: kubernetes.client.ApiClient,
+                                       namespace: str) -> None:
+    c = agent.cluster
+    make_service(api, namespace, "web", "10.96.1.80")
+    set_endpoints(api, namespace, "web", [(A1, "node-a")])
+    eventually(lambda: answers(c.pod("a2"), "10.96.1.80", 80, 2) == {"a1"})
+    started = time.monotonic()
+    assert agent.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 10
+    assert answers(c.pod("a2"), "10.96.1.80", 80, 5) == {"a1"}
