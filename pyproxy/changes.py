@@ -110,12 +110,9 @@ class ChangeTracker:
         """The model object, or None if ignored or invalid (invalid ones are recorded)."""
         try:
             if kind == "Service":
-                return service_from_api(obj)
+                return service_from_api(obj, self.problems)
             if kind == "EndpointSlice":
-                problems: list[InvalidObject] = []
-                result = endpoint_slice_from_api(obj, problems)
-                self.problems.extend(problems)
-                return result
+                return endpoint_slice_from_api(obj, self.problems)
             if kind == "Node":
                 node = node_from_api(obj)
                 return node if node.name == self.node_name else None

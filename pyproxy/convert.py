@@ -61,6 +61,10 @@ def parse_ip(text: str) -> IPAddress:
     address is its IPv4 address. Raises ValueError.
     """
     text = text.strip()
+    if "%" in text:
+        # Python accepts IPv6 zones ("fe80::1%eth0", any characters after %); Go's ParseIP does
+        # not, and a zone would carry arbitrary text into the rules.
+        raise ValueError(f"{text!r} has a zone: not an IP address")
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
@@ -204,8 +208,13 @@ def is_ignored_by_label(obj: Mapping[str, object]) -> bool:
 # --- Service ------------------------------------------------------------------------------
 
 
-def service_from_api(obj: Mapping[str, object]) -> Service | None:
-    """A Service, or None when kube-proxy ignores it (headless, ExternalName, other proxy)."""
+def service_from_api(
+    obj: Mapping[str, object], problems: list[InvalidObject] | None = None
+) -> Service | None:
+    """A Service, or None when kube-proxy ignores it (headless, ExternalName, other proxy).
+
+    Source ranges that do not parse are left out and reported in `problems`, as upstream
+    ignores them; anything else invalid raises."""
     r = _Reader("Service", obj)
     if is_ignored_by_label(obj):
         return None
@@ -273,7 +282,7 @@ def service_from_api(obj: Mapping[str, object]) -> Service | None:
             )
         )
 
-    # Upstream trims whitespace and ignores source ranges it cannot parse.
+    # Upstream trims whitespace and ignores (with a log line) source ranges it cannot parse.
     source_ranges: list[IPNetwork] = []
     raw_ranges = r.sequence(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")
     for i, raw in enumerate(raw_ranges):
@@ -281,9 +290,13 @@ def service_from_api(obj: Mapping[str, object]) -> Service | None:
         try:
             source_ranges.append(parse_cidr(text))
         except ValueError:
-            raise r.invalid(
-                f"spec.loadBalancerSourceRanges[{i}]", f"{text!r} is not a valid CIDR"
-            ) from None
+            if problems is not None:
+                problems.append(
+                    r.invalid(
+                        f"spec.loadBalancerSourceRanges[{i}]",
+                        f"{text!r} is not a valid CIDR (ignored, as kube-proxy does)",
+                    )
+                )
 
     affinity_timeout: int | None = None
     affinity = r.string(spec.get("sessionAffinity"), "spec.sessionAffinity", default="None")
@@ -488,7 +501,7 @@ def state_from_objects(
         kind = obj.get("kind")
         try:
             if kind == "Service":
-                service = service_from_api(obj)
+                service = service_from_api(obj, problems)
                 if service is not None:
                     services[service.namespaced_name] = service
             elif kind == "EndpointSlice":

@@ -17,6 +17,16 @@ def _orjson_dumps(obj: object, default: object = None) -> str:
     return orjson.dumps(obj, default=default).decode()  # type: ignore[arg-type]
 
 
+class _Stderr:
+    """sys.stderr as it is at each write (tests and daemons may replace it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(verbosity: int = 0, *, json: bool | None = None) -> None:
     """verbosity 0-1: info and above; 2 and more: debug (kube-proxy's --v)."""
     level = logging.DEBUG if verbosity >= 2 else logging.INFO
@@ -37,6 +47,6 @@ def configure(verbosity: int = 0, *, json: bool | None = None) -> None:
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )

@@ -110,8 +110,9 @@ def _ours(table: str, view: TableView, kubelet_present: bool) -> set[str]:
 
 
 def cleanup_document(view: KernelView, hooks: Iterable[JumpRule]) -> str:
-    """Restore input removing our hooks and chains. A chain someone else still jumps to is
-    kept (flushing it would be fine, deleting it would fail the whole restore)."""
+    """Restore input removing what pyproxy created: our hooks in built-in chains are deleted and
+    our chains flushed, then deleted unless a foreign rule still jumps to one (deleting it would
+    fail the whole restore; flushed, it does nothing)."""
     kubelet_present = any(KUBELET_CANARY in t.chains for t in view.tables.values())
     parts: list[str] = []
     for table in ("filter", "nat", "mangle"):
@@ -120,28 +121,19 @@ def cleanup_document(view: KernelView, hooks: Iterable[JumpRule]) -> str:
             continue
         ours = _ours(table, tview, kubelet_present)
         hook_rules = [
-            h for h in hooks if h.table == table and view.has_hook(h) and h.target in ours
+            h for h in hooks if h.table == table and h.target in ours and view.has_hook(h)
         ]
         hook_keys = {(h.chain, h.target, h.comment or None) for h in hook_rules}
-        # Keep any chain a foreign rule still jumps to; repeat since keeping one keeps its targets.
-        while True:
-            referenced = {
-                r.target
-                for r in tview.rules
-                if r.chain not in ours
-                and (r.chain, r.target, r.comment) not in hook_keys
-                and r.target in ours
-            }
-            if not referenced:
-                break
-            ours -= referenced
-            hook_keys = {k for k in hook_keys if k[1] in ours}
-        hook_rules = [h for h in hook_rules if h.target in ours]
-        if not ours and not hook_rules:
+        foreign_refs = {
+            r.target
+            for r in tview.rules
+            if r.chain not in ours and (r.chain, r.target, r.comment) not in hook_keys
+        }
+        if not ours:
             continue
         parts.append(f"*{table}\n")
         parts.extend(f":{c} - [0:0]\n" for c in sorted(ours))
         parts.extend(f"-D {h.chain} {h.spec}\n" for h in hook_rules)
-        parts.extend(f"-X {c}\n" for c in sorted(ours))
+        parts.extend(f"-X {c}\n" for c in sorted(ours - foreign_refs))
         parts.append("COMMIT\n")
     return "".join(parts)
