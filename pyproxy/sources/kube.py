@@ -58,7 +58,8 @@ class Consumer(Protocol):
 
     Calls come from three threads (one per kind), so the consumer is responsible for its own
     locking. Keep the methods short (record the change, wake the sync loop): a slow consumer
-    delays that kind's watch. An exception makes that kind relist after a backoff and deliver
+    delays that kind's watch. `on_replace` runs with the cyclic GC paused, so converting a big
+    list there is as fast as it gets (see watch.gc_paused). An exception makes that kind relist after a backoff and deliver
     `on_replace` again, so a consumer can recover from its own bug, but it is logged as an error.
     """
 
@@ -85,7 +86,8 @@ def load_configuration(kubeconfig: str | None) -> kubernetes.client.Configuratio
             kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
                 client_configuration=configuration
             )
-    except (kubernetes.config.ConfigException, OSError, ValueError, TypeError) as err:
+    # Anything the loader raises (ConfigException, YAML, I/O, an exec plugin) means a bad config.
+    except Exception as err:
         where = kubeconfig or "in-cluster service account"
         raise ConfigError(f"cannot load Kubernetes client configuration ({where}): {err}") from err
     # One streaming connection per watch plus lists; a pool smaller than that would open and

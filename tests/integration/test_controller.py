@@ -55,12 +55,27 @@ class Agent:
 
     def start(self) -> None:
         argv = [
-            sys.executable, "-m", "pyproxy", "--kubeconfig", str(self.kubeconfig),
-            "--hostname-override", "node-a", "--node-ip", NODE_A,
-            "--cluster-cidr", CLUSTER_CIDRS, "--iptables-backend", "nft",
-            "--iptables-min-sync-period", "0", "--iptables-sync-period", "30s",
-            "--healthz-bind-address", "0.0.0.0:10256",
-            "--metrics-bind-address", "127.0.0.1:10249",
+            sys.executable,
+            "-m",
+            "pyproxy",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--hostname-override",
+            "node-a",
+            "--node-ip",
+            NODE_A,
+            "--cluster-cidr",
+            CLUSTER_CIDRS,
+            "--iptables-backend",
+            "nft",
+            "--iptables-min-sync-period",
+            "0",
+            "--iptables-sync-period",
+            "30s",
+            "--healthz-bind-address",
+            "0.0.0.0:10256",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
         ]
         log = self.log.open("ab")
         self.proc = subprocess.Popen(
@@ -90,9 +105,7 @@ class Agent:
 
 
 @pytest.fixture
-def agent(
-    node_cluster: Cluster, control_plane: ControlPlane, tmp_path: Path
-) -> Iterator[Agent]:
+def agent(node_cluster: Cluster, control_plane: ControlPlane, tmp_path: Path) -> Iterator[Agent]:
     port = urllib.parse.urlsplit(control_plane.server).port
     sock = tmp_path / "api.sock"
     host = subprocess.Popen(
@@ -123,29 +136,51 @@ def api(control_plane: ControlPlane) -> Iterator[kubernetes.client.ApiClient]:
 
 
 def make_service(
-    api: kubernetes.client.ApiClient, ns: str, name: str, ip: str, *, proto: str = "TCP",
-    port: int = 80, spec: dict[str, object] | None = None,
+    api: kubernetes.client.ApiClient,
+    ns: str,
+    name: str,
+    ip: str,
+    *,
+    proto: str = "TCP",
+    port: int = 80,
+    spec: dict[str, object] | None = None,
 ) -> None:
     body = {
-        "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
-        "spec": {"clusterIP": ip, "ports": [{"name": "p", "port": port, "protocol": proto}],
-                 **(spec or {})},
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "clusterIP": ip,
+            "ports": [{"name": "p", "port": port, "protocol": proto}],
+            **(spec or {}),
+        },
     }
     kubernetes.client.CoreV1Api(api).create_namespaced_service(ns, body)
 
 
 def set_endpoints(
-    api: kubernetes.client.ApiClient, ns: str, service: str, eps: list[tuple[str, str]],
-    *, port: int = 8080, proto: str = "TCP", port_name: str = "p",
+    api: kubernetes.client.ApiClient,
+    ns: str,
+    service: str,
+    eps: list[tuple[str, str]],
+    *,
+    port: int = 8080,
+    proto: str = "TCP",
+    port_name: str = "p",
 ) -> None:
     body = {
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": f"{service}-x", "namespace": ns,
-                     "labels": {"kubernetes.io/service-name": service}},
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{service}-x",
+            "namespace": ns,
+            "labels": {"kubernetes.io/service-name": service},
+        },
         "addressType": "IPv4",
         "ports": [{"name": port_name, "port": port, "protocol": proto}],
-        "endpoints": [{"addresses": [ip], "nodeName": node, "conditions": {"ready": True}}
-                      for ip, node in eps],
+        "endpoints": [
+            {"addresses": [ip], "nodeName": node, "conditions": {"ready": True}} for ip, node in eps
+        ],
     }
     d = kubernetes.client.DiscoveryV1Api(api)
     try:
@@ -164,8 +199,9 @@ def answers(where: object, ip: str, port: int, n: int = 20) -> set[str]:
     return names
 
 
-def test_service_lifecycle_follows_the_api(agent: Agent, api: kubernetes.client.ApiClient,
-                                           namespace: str) -> None:
+def test_service_lifecycle_follows_the_api(
+    agent: Agent, api: kubernetes.client.ApiClient, namespace: str
+) -> None:
     c = agent.cluster
     make_service(api, namespace, "web", "10.96.1.10")
     set_endpoints(api, namespace, "web", [(A1, "node-a")])
@@ -177,8 +213,16 @@ def test_service_lifecycle_follows_the_api(agent: Agent, api: kubernetes.client.
     eventually(lambda: answers(c.pod("a2"), "10.96.1.10", 80, 10) == {"b1"}, what="1 ep")
 
     core = kubernetes.client.CoreV1Api(api)
-    core.patch_namespaced_service("web", namespace, {"spec": {"type": "NodePort", "ports": [
-        {"name": "p", "port": 80, "protocol": "TCP", "nodePort": 30080}]}})
+    core.patch_namespaced_service(
+        "web",
+        namespace,
+        {
+            "spec": {
+                "type": "NodePort",
+                "ports": [{"name": "p", "port": 80, "protocol": "TCP", "nodePort": 30080}],
+            }
+        },
+    )
     eventually(lambda: answers(c.client, NODE_A, 30080, 3) == {"b1"}, what="NodePort")
 
     core.patch_namespaced_service("web", namespace, {"spec": {"type": "LoadBalancer"}})
@@ -189,13 +233,19 @@ def test_service_lifecycle_follows_the_api(agent: Agent, api: kubernetes.client.
 
     chains_before = agent.save().count(":KUBE-SVC-")
     core.delete_namespaced_service("web", namespace)
-    eventually(lambda: "Reply" not in str(answers(c.pod("a2"), "10.96.1.10", 80, 2))
-               and "b1" not in answers(c.pod("a2"), "10.96.1.10", 80, 2), what="gone")
+    eventually(
+        lambda: (
+            "Reply" not in str(answers(c.pod("a2"), "10.96.1.10", 80, 2))
+            and "b1" not in answers(c.pod("a2"), "10.96.1.10", 80, 2)
+        ),
+        what="gone",
+    )
     eventually(lambda: agent.save().count(":KUBE-SVC-") == chains_before - 1, what="chain gone")
 
 
-def test_survives_api_server_outage(agent: Agent, api: kubernetes.client.ApiClient,
-                                    namespace: str, control_plane: ControlPlane) -> None:
+def test_survives_api_server_outage(
+    agent: Agent, api: kubernetes.client.ApiClient, namespace: str, control_plane: ControlPlane
+) -> None:
     c = agent.cluster
     make_service(api, namespace, "web", "10.96.1.20")
     set_endpoints(api, namespace, "web", [(A1, "node-a")])
@@ -216,8 +266,10 @@ def _dump(api: kubernetes.client.ApiClient) -> dict[str, object]:
     items: list[object] = []
     core = kubernetes.client.CoreV1Api(api)
     disc = kubernetes.client.DiscoveryV1Api(api)
-    for kind, lister in (("Service", core.list_service_for_all_namespaces),
-                         ("EndpointSlice", disc.list_endpoint_slice_for_all_namespaces)):
+    for kind, lister in (
+        ("Service", core.list_service_for_all_namespaces),
+        ("EndpointSlice", disc.list_endpoint_slice_for_all_namespaces),
+    ):
         for obj in api.sanitize_for_serialization(lister().items):
             items.append({"kind": kind, **obj})
     return {"apiVersion": "v1", "kind": "List", "items": items}
@@ -258,9 +310,23 @@ def test_kill_during_burst_then_converges_to_dry_run(
     state = tmp_path / "dump.yaml"
     state.write_text(yaml.safe_dump(_dump(api)))
     expected = subprocess.run(
-        [sys.executable, "-m", "pyproxy", "--dry-run", "--state", str(state),
-         "--hostname-override", "node-a", "--node-ip", NODE_A, "--cluster-cidr", CLUSTER_CIDRS],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "pyproxy",
+            "--dry-run",
+            "--state",
+            str(state),
+            "--hostname-override",
+            "node-a",
+            "--node-ip",
+            NODE_A,
+            "--cluster-cidr",
+            CLUSTER_CIDRS,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     want = _chains(expected)
     eventually(lambda: _chains(agent.save()) == want, 30, "kernel == dry-run")
@@ -288,13 +354,13 @@ def test_relist_after_compaction_drops_nothing(
     assert answers(c.pod("a2"), "10.96.1.40", 80, 5) == {"a1"}
 
 
-def test_udp_flow_moves_when_its_endpoint_goes(agent: Agent, api: kubernetes.client.ApiClient,
-                                               namespace: str) -> None:
+def test_udp_flow_moves_when_its_endpoint_goes(
+    agent: Agent, api: kubernetes.client.ApiClient, namespace: str
+) -> None:
     c = agent.cluster
     make_service(api, namespace, "dns", "10.96.1.53", proto="UDP", port=53)
     set_endpoints(api, namespace, "dns", [(A1, "node-a")], port=5353, proto="UDP")
-    eventually(lambda: isinstance(udp_ask(c.pod("a2"), "10.96.1.53", 53, 1, src_port=40000),
-                                  Reply))
+    eventually(lambda: isinstance(udp_ask(c.pod("a2"), "10.96.1.53", 53, 1, src_port=40000), Reply))
     first = udp_ask(c.pod("a2"), "10.96.1.53", 53, 1, src_port=40000)
     assert isinstance(first, Reply) and first.name == "a1"
     set_endpoints(api, namespace, "dns", [(B1, "node-b")], port=5353, proto="UDP")
@@ -309,9 +375,18 @@ def test_udp_flow_moves_when_its_endpoint_goes(agent: Agent, api: kubernetes.cli
 def test_health_metrics_and_health_check_node_port(
     agent: Agent, api: kubernetes.client.ApiClient, namespace: str
 ) -> None:
-    make_service(api, namespace, "lb", "10.96.1.60", spec={
-        "type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32060,
-        "ports": [{"name": "p", "port": 80, "protocol": "TCP", "nodePort": 30060}]})
+    make_service(
+        api,
+        namespace,
+        "lb",
+        "10.96.1.60",
+        spec={
+            "type": "LoadBalancer",
+            "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": 32060,
+            "ports": [{"name": "p", "port": 80, "protocol": "TCP", "nodePort": 30060}],
+        },
+    )
     set_endpoints(api, namespace, "lb", [(B1, "node-b")])
     # Without its Node object the node is not eligible: /healthz 503, /livez 200 (upstream).
     eventually(lambda: agent.get("http://127.0.0.1:10256/livez")[0] == 200, what="livez")
@@ -332,23 +407,28 @@ def test_health_metrics_and_health_check_node_port(
     set_endpoints(api, namespace, "lb", [(A1, "node-a"), (B1, "node-b")])
     eventually(lambda: agent.get(f"http://{NODE_A}:32060/")[0] == 200, what="hcnp 200")
     assert json.loads(agent.get(f"http://{NODE_A}:32060/")[1]) == {
-        "service": {"namespace": namespace, "name": "lb"}, "localEndpoints": 1,
-        "serviceProxyHealthy": True}
+        "service": {"namespace": namespace, "name": "lb"},
+        "localEndpoints": 1,
+        "serviceProxyHealthy": True,
+    }
 
     code, metrics = agent.get("http://127.0.0.1:10249/metrics")
     assert code == 200
-    for name in ("kubeproxy_sync_proxy_rules_duration_seconds",
-                 "kubeproxy_sync_full_proxy_rules_duration_seconds",
-                 "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-                 "kubeproxy_sync_proxy_rules_iptables_total",
-                 "kubeproxy_sync_proxy_rules_endpoint_changes_total",
-                 "kubeproxy_network_programming_duration_seconds"):
+    for name in (
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_iptables_total",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "kubeproxy_network_programming_duration_seconds",
+    ):
         assert name in metrics, name
     assert agent.get("http://127.0.0.1:10249/proxyMode") == (200, "iptables")
 
 
-def test_bad_objects_are_logged_and_skipped(agent: Agent, api: kubernetes.client.ApiClient,
-                                            namespace: str) -> None:
+def test_bad_objects_are_logged_and_skipped(
+    agent: Agent, api: kubernetes.client.ApiClient, namespace: str
+) -> None:
     c = agent.cluster
     make_service(api, namespace, "good", "10.96.1.70")
     set_endpoints(api, namespace, "good", [(A1, "node-a")])
@@ -360,8 +440,9 @@ def test_bad_objects_are_logged_and_skipped(agent: Agent, api: kubernetes.client
     assert agent.proc is not None and agent.proc.poll() is None
 
 
-def test_sigterm_leaves_rules_in_place(agent: Agent, api: kubernetes.client.ApiClient,
-                                       namespace: str) -> None:
+def test_sigterm_leaves_rules_in_place(
+    agent: Agent, api: kubernetes.client.ApiClient, namespace: str
+) -> None:
     c = agent.cluster
     make_service(api, namespace, "web", "10.96.1.80")
     set_endpoints(api, namespace, "web", [(A1, "node-a")])

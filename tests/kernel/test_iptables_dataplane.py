@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -32,15 +32,17 @@ NODE_A, NODE_B, CLIENT = "172.30.0.2", "172.30.0.3", "172.30.0.100"
 
 def svc(name: str, ip: str | list[str], ports: str, extra: str = "", status: str = "") -> str:
     ips = ip if isinstance(ip, list) else [ip]
-    return textwrap.dedent(f"""\
+    return (
+        textwrap.dedent(f"""\
         - apiVersion: v1
           kind: Service
           metadata: {{namespace: t, name: {name}}}
           spec:
             clusterIPs: [{", ".join(f'"{i}"' for i in ips)}]
             ports: {ports}
-        """) + textwrap.indent(textwrap.dedent(extra), "    ") + (
-        textwrap.indent(textwrap.dedent(status), "  ") if status else ""
+        """)
+        + textwrap.indent(textwrap.dedent(extra), "    ")
+        + (textwrap.indent(textwrap.dedent(status), "  ") if status else "")
     )
 
 
@@ -89,9 +91,14 @@ HTTP = "[{name: http, port: 80, protocol: TCP}]"
 def np_port(node_port: int) -> str:
     return f"[{{name: http, port: 80, nodePort: {node_port}, protocol: TCP}}]"
 
+
 BASE_STATE = state(
     # Spread over three endpoints on both nodes; a second port with its own target port.
-    svc("web", "10.96.0.10", "[{name: http, port: 80, protocol: TCP}, {name: alt, port: 81, protocol: TCP}]"),
+    svc(
+        "web",
+        "10.96.0.10",
+        "[{name: http, port: 80, protocol: TCP}, {name: alt, port: 81, protocol: TCP}]",
+    ),
     eps(
         "web",
         [(A1, "node-a"), (B1, "node-b"), (B2, "node-b")],
@@ -172,10 +179,23 @@ def program(
         node = cluster.node(key)
         result = node.run(
             [
-                sys.executable, "-m", "pyproxy", "--once", "--state", str(path),
-                "--hostname-override", node.node_name,
-                "--node-ip", node.ip, "--node-ip", node.ip6,
-                "--cluster-cidr", CLUSTER_CIDRS, "--iptables-backend", "nft", *extra,
+                sys.executable,
+                "-m",
+                "pyproxy",
+                "--once",
+                "--state",
+                str(path),
+                "--hostname-override",
+                node.node_name,
+                "--node-ip",
+                node.ip,
+                "--node-ip",
+                node.ip6,
+                "--cluster-cidr",
+                CLUSTER_CIDRS,
+                "--iptables-backend",
+                "nft",
+                *extra,
             ],
             check=False,
         )
@@ -195,13 +215,13 @@ programmed_cluster = cluster_fixture(LAYOUT, scope="module")
 
 
 @pytest.fixture(scope="module")
-def net(programmed_cluster: Cluster, tmp_module: Path) -> Iterator[Cluster]:
+def net(programmed_cluster: Cluster, tmp_module: Path) -> Cluster:
     c = programmed_cluster
     c.client_route("192.0.2.0/24", "a")
     c.client_route("198.51.100.0/24", "a")
     c.client_route("10.96.0.0/16", "a")
     program(c, tmp_module, BASE_STATE)
-    yield c
+    return c
 
 
 fresh_cluster = cluster_fixture(LAYOUT)
@@ -334,17 +354,23 @@ def test_health_check_node_port_is_accepted_by_the_rules(net: Cluster) -> None:
 # --- changes, flags, cleanup --------------------------------------------------------------
 
 
-def test_changes_follow_and_stale_chains_are_deleted(fresh_cluster: Cluster, tmp_path: Path) -> None:
+def test_changes_follow_and_stale_chains_are_deleted(
+    fresh_cluster: Cluster, tmp_path: Path
+) -> None:
     c = fresh_cluster
     two = state(svc("web", "10.96.0.10", HTTP), eps("web", [(A1, "node-a"), (B1, "node-b")]))
     program(c, tmp_path, two)
     assert set(spread(c.pod("a2"), "10.96.0.10", 80, 30)) == {"a1", "b1"}
-    seps_before = {line.split()[0][1:] for line in save(c, "a").splitlines() if line.startswith(":KUBE-SEP-")}
+    seps_before = {
+        line.split()[0][1:] for line in save(c, "a").splitlines() if line.startswith(":KUBE-SEP-")
+    }
     assert len(seps_before) == 2
 
     program(c, tmp_path, state(svc("web", "10.96.0.10", HTTP), eps("web", [(B1, "node-b")])))
     assert set(spread(c.pod("a2"), "10.96.0.10", 80, 20)) == {"b1"}
-    seps_after = {line.split()[0][1:] for line in save(c, "a").splitlines() if line.startswith(":KUBE-SEP-")}
+    seps_after = {
+        line.split()[0][1:] for line in save(c, "a").splitlines() if line.startswith(":KUBE-SEP-")
+    }
     assert len(seps_after) == 1 and seps_after < seps_before
 
     program(c, tmp_path, state())
@@ -357,7 +383,7 @@ def test_running_twice_changes_nothing(fresh_cluster: Cluster, tmp_path: Path) -
     program(fresh_cluster, tmp_path, BASE_STATE, nodes=("a",))
     first = save(fresh_cluster, "a")
     program(fresh_cluster, tmp_path, BASE_STATE, nodes=("a",))
-    strip = lambda text: [l for l in text.splitlines() if not l.startswith("#")]  # noqa: E731
+    strip = lambda text: [x for x in text.splitlines() if not x.startswith("#")]  # noqa: E731
     assert strip(save(fresh_cluster, "a")) == strip(first)
 
 
@@ -379,9 +405,22 @@ def test_legacy_backend_works_too(fresh_cluster: Cluster, tmp_path: Path) -> Non
     path.write_text(one)
     node = c.node("a")
     result = node.run(
-        [sys.executable, "-m", "pyproxy", "--once", "--state", str(path), "--hostname-override",
-         "node-a", "--node-ip", node.ip, "--cluster-cidr", CLUSTER_CIDRS,
-         "--iptables-backend", "legacy"],
+        [
+            sys.executable,
+            "-m",
+            "pyproxy",
+            "--once",
+            "--state",
+            str(path),
+            "--hostname-override",
+            "node-a",
+            "--node-ip",
+            node.ip,
+            "--cluster-cidr",
+            CLUSTER_CIDRS,
+            "--iptables-backend",
+            "legacy",
+        ],
         check=False,
     )
     assert result.returncode == 0, result.stderr
@@ -389,7 +428,9 @@ def test_legacy_backend_works_too(fresh_cluster: Cluster, tmp_path: Path) -> Non
     assert name(tcp_ask(c.pod("a2"), "10.96.0.10", 80)) == "b1"
 
 
-def test_cleanup_removes_ours_and_keeps_foreign_rules(fresh_cluster: Cluster, tmp_path: Path) -> None:
+def test_cleanup_removes_ours_and_keeps_foreign_rules(
+    fresh_cluster: Cluster, tmp_path: Path
+) -> None:
     c = fresh_cluster
     node = c.node("a")
     node.run(["iptables-nft", "-t", "nat", "-N", "SOMEONE-ELSE"])
@@ -408,8 +449,18 @@ def test_bad_state_file_programs_nothing(fresh_cluster: Cluster, tmp_path: Path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("items: [\n")
     result = fresh_cluster.node("a").run(
-        [sys.executable, "-m", "pyproxy", "--once", "--state", str(bad),
-         "--hostname-override", "node-a", "--node-ip", NODE_A],
+        [
+            sys.executable,
+            "-m",
+            "pyproxy",
+            "--once",
+            "--state",
+            str(bad),
+            "--hostname-override",
+            "node-a",
+            "--node-ip",
+            NODE_A,
+        ],
         check=False,
     )
     assert result.returncode == 1 and "cannot parse state file" in result.stderr
@@ -429,8 +480,22 @@ def test_invalid_object_is_skipped_and_others_still_work(
     path.write_text(text)
     node = c.node("a")
     result = node.run(
-        [sys.executable, "-m", "pyproxy", "--once", "--state", str(path), "--hostname-override",
-         "node-a", "--node-ip", node.ip, "--cluster-cidr", CLUSTER_CIDRS, "--iptables-backend", "nft"],
+        [
+            sys.executable,
+            "-m",
+            "pyproxy",
+            "--once",
+            "--state",
+            str(path),
+            "--hostname-override",
+            "node-a",
+            "--node-ip",
+            node.ip,
+            "--cluster-cidr",
+            CLUSTER_CIDRS,
+            "--iptables-backend",
+            "nft",
+        ],
         check=False,
     )
     assert result.returncode == 0, result.stderr
@@ -440,10 +505,17 @@ def test_invalid_object_is_skipped_and_others_still_work(
 
 def test_pyproxy_command_and_module_entry_points() -> None:
     out = subprocess.run(
-        [str(Path(sys.executable).parent / "pyproxy"), "--help"], capture_output=True, text=True,
+        [str(Path(sys.executable).parent / "pyproxy"), "--help"],
+        capture_output=True,
+        text=True,
         check=False,
     )
     assert out.returncode == 0 and "--dry-run" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "pyproxy", "--help"], capture_output=True,
-                         text=True, check=False, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "pyproxy", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+    )
     assert out.returncode == 0 and "--hostname-override" in out.stdout

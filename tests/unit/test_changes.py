@@ -16,7 +16,9 @@ def service(name: str, ip: str, ns: str = "ns") -> dict[str, object]:
 
 def eslice(name: str, svc: str, ips: list[str], trigger: str | None = None) -> dict[str, object]:
     meta: dict[str, object] = {
-        "namespace": "ns", "name": name, "labels": {"kubernetes.io/service-name": svc},
+        "namespace": "ns",
+        "name": name,
+        "labels": {"kubernetes.io/service-name": svc},
     }
     if trigger:
         meta["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": trigger}
@@ -96,6 +98,12 @@ def test_only_this_nodes_node_object_counts() -> None:
     t.take()
     t.event("Node", "ADDED", {"kind": "Node", "metadata": {"name": "node-b"}})
     assert not t.pending
-    t.event("Node", "ADDED", {"kind": "Node", "metadata": {"name": "node-a",
-            "labels": {"topology.kubernetes.io/zone": "z1"}}})
+    t.event(
+        "Node",
+        "ADDED",
+        {
+            "kind": "Node",
+            "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "z1"}},
+        },
+    )
     assert t.take().node_changed and t.node is not None and t.node.zone == "z1"
