@@ -160,8 +160,14 @@ def run(options: ProxyOptions) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in ("explain", "trace"):
+        # Operator tools: `pyproxy explain SERVICE ...`, `pyproxy trace --src ... --dst ...`.
+        from pyproxy import explain_cli
+
+        return (explain_cli.main if args[0] == "explain" else explain_cli.trace_main)(args[1:])
     try:
-        options = parse_options(sys.argv[1:] if argv is None else argv)
+        options = parse_options(args)
     except ConfigError as err:
         print(f"pyproxy: {err}", file=sys.stderr)
         return 2
