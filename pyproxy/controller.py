@@ -244,13 +244,12 @@ class Controller:
                 field=problem.field,
                 reason=problem.reason,
             )
-        full_requested = rebuilt or periodic or changes.services is None
+        # Periodic syncs write everything (a full sync) but re-render only what changed.
+        changed = None if rebuilt else changes.services
         results: dict[IPFamily, SyncResult] = {}
         try:
             for family, fp in self.families.items():
-                results[family] = self._sync_family(
-                    fp, None if full_requested else changes.services
-                )
+                results[family] = self._sync_family(fp, changed, full=periodic)
                 self._cleanup_conntrack(family, fp, changes, previous.get(family, {}))
         except Exception:
             with self._lock:
@@ -288,13 +287,15 @@ class Controller:
         )
         return True
 
-    def _sync_family(self, fp: FamilyProxier, changed: set[NamespacedName] | None) -> SyncResult:
+    def _sync_family(
+        self, fp: FamilyProxier, changed: set[NamespacedName] | None, *, full: bool
+    ) -> SyncResult:
         family = fp.config.family.value
         try:
-            return fp.proxier.sync(fp.states, changed)
+            return fp.proxier.sync(fp.states, changed, full=full)
         except RestoreError as err:
             self.metrics.iptables_restore_failures_total.labels(family).inc()
-            if changed is not None:
+            if changed is not None and not full:
                 self.metrics.iptables_partial_restore_failures_total.labels(family).inc()
             logger.error(
                 "iptables-restore failed; next sync is a full one",

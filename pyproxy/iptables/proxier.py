@@ -93,13 +93,26 @@ class IptablesProxier:
         return changed
 
     def sync(
-        self, states: ServiceStates, changed: Collection[NamespacedName] | None = None
+        self,
+        states: ServiceStates,
+        changed: Collection[NamespacedName] | None = None,
+        *,
+        full: bool = False,
     ) -> SyncResult:
-        """Write `states` to the kernel. `changed` lists the Services that changed since the
-        last successful sync; None (or a pending failure) forces a full sync."""
+        """Write `states` to the kernel.
+
+        `changed` lists the Services that changed since the last sync; only those are
+        re-rendered (None: all). A full sync (`full`, no `changed`, a failure or a flushed canary
+        since, or an hour since the last) writes every chain and re-reads the kernel; rendering
+        stays incremental, since rendered text depends only on the states."""
         now = self._clock()
-        full = self.need_full_sync or changed is None or now - self._last_full > FULL_SYNC_PERIOD
-        rerendered = self.render(states, None if self.need_full_sync else changed)
+        full = (
+            full
+            or self.need_full_sync
+            or changed is None
+            or now - self._last_full > FULL_SYNC_PERIOD
+        )
+        rerendered = self.render(states, changed)
         changed_set = None if rerendered is None else set(rerendered)
         ports = [rules for name in self._order for rules in self._rendered[name]]
         ruleset = assemble_ruleset(
