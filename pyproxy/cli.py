@@ -63,8 +63,13 @@ def dry_run(options: ProxyOptions, cluster: ClusterState) -> str:
     out = []
     for config in _configs(options, cluster):
         states = desired_state(cluster, config)
-        ruleset = render_ruleset((p for ports in states.values() for p in ports), config)
         out.append(f"# ip-family: {config.family.value}\n")
+        if options.proxy_mode == "ipvs":
+            from pyproxy.ipvs.plan import dry_run_text
+
+            out.append(dry_run_text(states, config, options.ipvs_scheduler))
+            continue
+        ruleset = render_ruleset((p for ports in states.values() for p in ports), config)
         out.append(ruleset.document(hooks=jump_rules(config)))
     return "".join(out)
 
@@ -76,8 +81,38 @@ def prepare_kernel(config: ProxierConfig) -> ProxierConfig:
     return dataclasses.replace(config, conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal())
 
 
+def sync_once_ipvs(options: ProxyOptions, cluster: ClusterState, backend: str) -> None:
+    from pyproxy.ipvs.proxier import IpvsProxier
+
+    # No prepare_kernel: ipvs mode has no localhost NodePorts and no INVALID rule; the
+    # proxier sets its own sysctls (net.ipv4.vs.*, ip_forward) on its first sync.
+    for config in _configs(options, cluster):
+        proxier = IpvsProxier(
+            config, Iptables(config.family, backend), scheduler=options.ipvs_scheduler
+        )
+        result = proxier.sync(desired_state(cluster, config))
+        logger.info(
+            "synced",
+            ip_family=config.family.value,
+            proxy_mode="ipvs",
+            backend=backend,
+            full=result.full,
+            services=result.services_written,
+            virtual_servers=result.virtual_servers,
+            real_servers=result.real_servers,
+            operations=result.operations,
+            draining=result.draining,
+            filter_rules=result.filter_rules,
+            nat_rules=result.nat_rules,
+            restore_bytes=result.restore_bytes,
+        )
+
+
 def sync_once(options: ProxyOptions, cluster: ClusterState) -> None:
     backend = detect_backend(options.iptables_backend)
+    if options.proxy_mode == "ipvs":
+        sync_once_ipvs(options, cluster, backend)
+        return
     for config in map(prepare_kernel, _configs(options, cluster)):
         proxier = IptablesProxier(config, Iptables(config.family, backend))
         result = proxier.sync(desired_state(cluster, config))
@@ -105,6 +140,18 @@ def cleanup(options: ProxyOptions) -> None:
         if document:
             iptables.restore(document)
         logger.info("cleaned up", ip_family=family.value, backend=backend, changed=bool(document))
+    # IPVS mode's leftovers too, whatever --proxy-mode says (as kube-proxy's --cleanup).
+    from pyproxy.ipvs.proxier import cleanup as cleanup_ipvs
+
+    result = cleanup_ipvs([Iptables(family, backend) for family in IPFamily])
+    logger.info(
+        "cleaned up ipvs mode",
+        iptables_changed=[f.value for f in result.iptables_changed],
+        virtual_servers_deleted=result.virtual_servers_deleted,
+        ipsets_destroyed=len(result.ipsets_destroyed),
+        dummy_deleted=result.dummy_deleted,
+        ipvs_available=result.ipvs_available,
+    )
 
 
 def run_controller(options: ProxyOptions) -> int:
@@ -145,7 +192,7 @@ def run(options: ProxyOptions) -> int:
     if options.cleanup:
         cleanup(options)
         return 0
-    if options.proxy_mode != "iptables":
+    if options.proxy_mode not in ("iptables", "ipvs"):
         raise ConfigError(f"--proxy-mode {options.proxy_mode} is not implemented yet")
     if options.state is None:
         if options.dry_run or options.once:

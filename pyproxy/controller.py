@@ -30,6 +30,7 @@ from pyproxy.errors import PyproxyError, RestoreError
 from pyproxy.healthcheck import HealthzServer, ProxyHealth, ServiceHealthServer
 from pyproxy.iptables.proxier import IptablesProxier, SyncResult
 from pyproxy.iptables.restore import Iptables, canary_exists
+from pyproxy.ipvs.proxier import IpvsProxier, IpvsSyncResult
 from pyproxy.metrics import Metrics, MetricsServer
 from pyproxy.model import IPAddress, IPFamily, NamespacedName
 from pyproxy.model import Protocol as L4
@@ -60,7 +61,7 @@ class ConntrackCleaner(Protocol):
 @dataclass
 class FamilyProxier:
     config: ProxierConfig
-    proxier: IptablesProxier
+    proxier: IptablesProxier | IpvsProxier
     conntrack: ConntrackCleaner | None = None
     states: ServiceStates = field(default_factory=dict)
     #: A conntrack cleanup failed: retry it after the next sync.
@@ -196,7 +197,7 @@ class Controller:
             host = self._host_addresses()
         configs = []
         for config in proxier_configs(self.options, node, host):
-            if config.localhost_nodeports:
+            if config.localhost_nodeports and self.options.proxy_mode == "iptables":
                 sysctl.ensure("net.ipv4.conf.all.route_localnet", "1")
             configs.append(
                 replace(config, conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal())
@@ -246,7 +247,7 @@ class Controller:
             )
         # Periodic syncs write everything (a full sync) but re-render only what changed.
         changed = None if rebuilt else changes.services
-        results: dict[IPFamily, SyncResult] = {}
+        results: dict[IPFamily, SyncResult | IpvsSyncResult] = {}
         try:
             for family, fp in self.families.items():
                 results[family] = self._sync_family(fp, changed, full=periodic)
@@ -256,6 +257,12 @@ class Controller:
                 self.tracker.requeue(changes)
             raise
         self._after_sync(changes, results, started)
+
+    def _new_proxier(self, config: ProxierConfig) -> IptablesProxier | IpvsProxier:
+        iptables = Iptables(config.family, self.backend)
+        if self.options.proxy_mode == "ipvs":
+            return IpvsProxier(config, iptables, scheduler=self.options.ipvs_scheduler)
+        return IptablesProxier(config, iptables)
 
     def _prepare(self, changes: Changes) -> bool:
         """(Re)build the per-family proxiers when the node changed; True if rebuilt."""
@@ -269,7 +276,7 @@ class Controller:
         self.families = {
             c.family: FamilyProxier(
                 c,
-                IptablesProxier(c, Iptables(c.family, self.backend)),
+                self._new_proxier(c),
                 self._conntrack(c.family) if self._conntrack is not None else None,
             )
             for c in configs
@@ -289,7 +296,7 @@ class Controller:
 
     def _sync_family(
         self, fp: FamilyProxier, changed: set[NamespacedName] | None, *, full: bool
-    ) -> SyncResult:
+    ) -> SyncResult | IpvsSyncResult:
         family = fp.config.family.value
         try:
             return fp.proxier.sync(fp.states, changed, full=full)
@@ -340,7 +347,10 @@ class Controller:
             )
 
     def _after_sync(
-        self, changes: Changes, results: Mapping[IPFamily, SyncResult], started: float
+        self,
+        changes: Changes,
+        results: Mapping[IPFamily, SyncResult | IpvsSyncResult],
+        started: float,
     ) -> None:
         elapsed = self._clock() - started
         now = time.time()

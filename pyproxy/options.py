@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from pyproxy.convert import parse_cidr, parse_ip
 from pyproxy.errors import ConfigError
+from pyproxy.ipvs.plan import normalize_scheduler
 from pyproxy.model import IPAddress, IPFamily, IPNetwork, Node
 from pyproxy.proxystate import ProxierConfig
 
@@ -213,6 +214,10 @@ def parse_options(argv: Sequence[str]) -> ProxyOptions:
                 raise ConfigError(
                     f"--nodeport-addresses: invalid CIDR {text!r} (CIDRs or 'primary')"
                 ) from None
+    try:
+        normalize_scheduler(args.ipvs_scheduler)
+    except ValueError as err:
+        raise ConfigError(f"--ipvs-scheduler: {err}") from None
     if not 0 <= args.iptables_masquerade_bit <= 31:
         raise ConfigError("--iptables-masquerade-bit must be between 0 and 31")
     gates = {}
