@@ -1,9 +1,7 @@
 """pyproxy as the node agent against a real kube-apiserver + etcd, with real packets.
 
-pyproxy runs as a process in netlab's node-a namespace (it programs that namespace's iptables) and
-reaches the API server through a loopback bridge: socat listens on 127.0.0.1:<apiserver port>
-inside the namespace and forwards over a Unix socket to socat on the host, which connects to
-the apiserver on the host's 127.0.0.1. No traffic leaves loopback and the namespaces.
+pyproxy runs as a process in netlab's node-a namespace (it programs that namespace's iptables)
+and reaches the API server through a loopback bridge (see agent.py).
 """
 
 from __future__ import annotations
@@ -13,190 +11,46 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import kubernetes
 import pytest
 import yaml
+from agent import (
+    A1,
+    B1,
+    CLUSTER_CIDRS,
+    NODE_A,
+    Agent,
+    answers,
+    eventually,
+    make_service,
+    running_agent,
+    set_endpoints,
+)
 from controlplane import ControlPlane, api_client
 from netlab import Cluster, Reply, tcp_ask, udp_ask
 from netlab.fixtures import cluster_fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.kernel]
 
-CLUSTER_CIDRS = "10.244.0.0/16"
-A1, A2, B1 = "10.244.1.11", "10.244.1.12", "10.244.2.11"
-NODE_A = "172.30.0.2"
-
 node_cluster = cluster_fixture({"a": ("a1", "a2"), "b": ("b1",)})
-
-
-def eventually(check: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"not true within {timeout} s: {what or check}")
-
-
-class Agent:
-    """pyproxy running in node-a, with its log."""
-
-    def __init__(self, cluster: Cluster, kubeconfig: Path, workdir: Path) -> None:
-        self.cluster = cluster
-        self.node = cluster.node("a")
-        self.kubeconfig = kubeconfig
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = workdir / "pyproxy.log"
-
-    def start(self) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            "pyproxy",
-            "--kubeconfig",
-            str(self.kubeconfig),
-            "--hostname-override",
-            "node-a",
-            "--node-ip",
-            NODE_A,
-            "--cluster-cidr",
-            CLUSTER_CIDRS,
-            "--iptables-backend",
-            "nft",
-            "--iptables-min-sync-period",
-            "0",
-            "--iptables-sync-period",
-            "30s",
-            "--healthz-bind-address",
-            "0.0.0.0:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-        ]
-        log = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.node.name, *argv], stdout=log, stderr=log
-        )
-        log.close()
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=20)
-        self.proc = None
-        return code
-
-    def save(self) -> str:
-        return self.node.run(["iptables-nft-save"]).stdout
-
-    def get(self, url: str) -> tuple[int, str]:
-        out = self.node.run(
-            ["curl", "-s", "--noproxy", "*", "-o", "-", "-w", "\n%{http_code}", url], check=False
-        ).stdout
-        body, _, code = out.rpartition("\n")
-        return int(code or 0), body
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 @pytest.fixture
 def agent(node_cluster: Cluster, control_plane: ControlPlane, tmp_path: Path) -> Iterator[Agent]:
-    port = urllib.parse.urlsplit(control_plane.server).port
-    sock = tmp_path / "api.sock"
-    host = subprocess.Popen(
-        ["socat", f"UNIX-LISTEN:{sock},fork,mode=600", f"TCP:127.0.0.1:{port}"],
-        stderr=subprocess.DEVNULL,
-    )
-    eventually(sock.exists, 5, "host bridge socket")
-    node_cluster.node("a").popen(
-        ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr", f"UNIX-CONNECT:{sock}"]
-    )
     node_cluster.client_route("192.0.2.0/24", "a")
-    a = Agent(node_cluster, control_plane.kubeconfig_proxy, tmp_path)
-    a.start()
-    try:
+    with running_agent(
+        node_cluster, control_plane.server, control_plane.kubeconfig_proxy, tmp_path
+    ) as a:
         yield a
-    finally:
-        if a.proc is not None:
-            a.stop(signal.SIGKILL)
-        host.terminate()
-        host.wait(timeout=5)
-        print(a.text()[-4000:])
 
 
 @pytest.fixture
 def api(control_plane: ControlPlane) -> Iterator[kubernetes.client.ApiClient]:
     with api_client(control_plane.kubeconfig_admin) as client:
         yield client
-
-
-def make_service(
-    api: kubernetes.client.ApiClient,
-    ns: str,
-    name: str,
-    ip: str,
-    *,
-    proto: str = "TCP",
-    port: int = 80,
-    spec: dict[str, object] | None = None,
-) -> None:
-    body = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "clusterIP": ip,
-            "ports": [{"name": "p", "port": port, "protocol": proto}],
-            **(spec or {}),
-        },
-    }
-    kubernetes.client.CoreV1Api(api).create_namespaced_service(ns, body)
-
-
-def set_endpoints(
-    api: kubernetes.client.ApiClient,
-    ns: str,
-    service: str,
-    eps: list[tuple[str, str]],
-    *,
-    port: int = 8080,
-    proto: str = "TCP",
-    port_name: str = "p",
-) -> None:
-    body = {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"{service}-x",
-            "namespace": ns,
-            "labels": {"kubernetes.io/service-name": service},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": port_name, "port": port, "protocol": proto}],
-        "endpoints": [
-            {"addresses": [ip], "nodeName": node, "conditions": {"ready": True}} for ip, node in eps
-        ],
-    }
-    d = kubernetes.client.DiscoveryV1Api(api)
-    try:
-        d.replace_namespaced_endpoint_slice(f"{service}-x", ns, body)
-    except kubernetes.client.ApiException as err:
-        if err.status != 404:
-            raise
-        d.create_namespaced_endpoint_slice(ns, body)
-
-
-def answers(where: object, ip: str, port: int, n: int = 20) -> set[str]:
-    names = set()
-    for _ in range(n):
-        r = tcp_ask(where, ip, port, timeout=1)
-        names.add(r.name if isinstance(r, Reply) else type(r).__name__)
-    return names
 
 
 def test_service_lifecycle_follows_the_api(
