@@ -19,6 +19,7 @@ from pyproxy.iptables.render import (
     ServicePortRules,
     assemble_ruleset,
     is_large_cluster,
+    is_service_chain,
     jump_rules,
     port_order,
     render_service_port,
@@ -32,6 +33,12 @@ from pyproxy.proxystate import ProxierConfig, ServicePortState, count_endpoints
 FULL_SYNC_PERIOD = 3600.0
 
 ServiceStates = Mapping[NamespacedName, tuple[ServicePortState, ...]]
+
+
+def _service_chain_rules(table: str, chain: str) -> bool:
+    """Rules a full sync need not read back: those of nat service chains (it only needs their
+    names, to delete stale ones, and the hooks in built-in chains)."""
+    return table == "nat" and is_service_chain(chain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +130,7 @@ class IptablesProxier:
             else (lambda r: r.name.namespaced_name in changed_set),
         )
         if full:
-            view = KernelView.from_save(self.iptables.save())
+            view = KernelView.from_save(self.iptables.save(), skip_rules_of=_service_chain_rules)
             stale: Collection[str] = view.service_chains()
             hooks = view.missing_hooks(jump_rules(self.config))
         else:

@@ -25,7 +25,6 @@ Layout (see also ../shared/reference/kube-proxy.md, section b):
 
 from __future__ import annotations
 
-import base64
 import functools
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
@@ -57,6 +56,8 @@ NAT_CHAINS = (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ)
 #: Prefixes of the per-service and per-endpoint chains (upstream's isServiceChainName).
 SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
 
+_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"  # RFC 4648 base32 alphabet
+
 NODEPORTS_COMMENT = '"kubernetes service nodeports; NOTE: this must be the last rule in this chain"'
 _NODEPORTS_RULE = f"-A {KUBE_SERVICES} -m comment --comment {NODEPORTS_COMMENT}"
 
@@ -64,8 +65,27 @@ _NODEPORTS_RULE = f"-A {KUBE_SERVICES} -m comment --comment {NODEPORTS_COMMENT}"
 # --- chain names --------------------------------------------------------------------------
 
 
+#: Every pair of base32 digits, indexed by the 10 bits they encode.
+_B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)
+
+
 def _hash16(text: str) -> str:
-    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
+    """base32(sha256(text))[:16]: the first 16 digits encode exactly the first 10 bytes.
+
+    Same result as `base64.b32encode(digest).decode()[:16]` (pure Python in 3.11, and called
+    for every endpoint: 110,000 times for 10,000 Services), three times faster."""
+    n = int.from_bytes(hashlib.sha256(text.encode()).digest()[:10], "big")
+    p = _B32_PAIRS
+    return (
+        p[n >> 70]
+        + p[(n >> 60) & 1023]
+        + p[(n >> 50) & 1023]
+        + p[(n >> 40) & 1023]
+        + p[(n >> 30) & 1023]
+        + p[(n >> 20) & 1023]
+        + p[(n >> 10) & 1023]
+        + p[n & 1023]
+    )
 
 
 @functools.lru_cache(maxsize=65536)
