@@ -63,8 +63,10 @@ class IptablesProxier:
         self.config = config
         self.iptables = iptables
         self._clock = clock
+        #: Rendered rules per Service, kept in output order (service_order): a dict keeps the
+        #: position of a key on reassignment, so only a new Service needs a re-sort, and a sync
+        #: walks the values without hashing 10,000 keys.
         self._rendered: dict[NamespacedName, tuple[ServicePortRules, ...]] = {}
-        self._order: list[NamespacedName] = []
         self._active: frozenset[str] = frozenset()
         self._large = False
         self._last_full = -math.inf
@@ -84,8 +86,9 @@ class IptablesProxier:
 
         if changed is None or large != self._large or not self._rendered:
             self._large = large
-            self._rendered = {name: render(ports) for name, ports in states.items()}
-            self._order = sorted(self._rendered, key=service_order)
+            self._rendered = {
+                name: render(states[name]) for name in sorted(states, key=service_order)
+            }
             return None
         membership_changed = False
         for name in changed:
@@ -96,7 +99,9 @@ class IptablesProxier:
             elif self._rendered.pop(name, None) is not None:
                 membership_changed = True
         if membership_changed:
-            self._order = sorted(self._rendered, key=service_order)
+            self._rendered = {
+                name: self._rendered[name] for name in sorted(self._rendered, key=service_order)
+            }
         return changed
 
     def sync(
@@ -121,14 +126,14 @@ class IptablesProxier:
         )
         rerendered = self.render(states, changed)
         changed_set = None if rerendered is None else set(rerendered)
-        ports = [rules for name in self._order for rules in self._rendered[name]]
-        ruleset = assemble_ruleset(
-            ports,
-            self.config,
-            write_chains=None
-            if full or changed_set is None
-            else (lambda r: r.name.namespaced_name in changed_set),
-        )
+        ports = [rules for service in self._rendered.values() for rules in service]
+        write_chains = None
+        if not full and changed_set is not None:
+            # The changed Services' rule objects, by identity: cheaper than building and
+            # hashing a NamespacedName for each of 10,000 service ports on every sync.
+            written = {id(r) for name in changed_set for r in self._rendered.get(name, ())}
+            write_chains = lambda r: id(r) in written  # noqa: E731
+        ruleset = assemble_ruleset(ports, self.config, write_chains=write_chains)
         if full:
             view = KernelView.from_save(self.iptables.save(), skip_rules_of=_service_chain_rules)
             stale: Collection[str] = view.service_chains()

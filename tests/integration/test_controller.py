@@ -244,6 +244,8 @@ def test_health_metrics_and_health_check_node_port(
     set_endpoints(api, namespace, "lb", [(B1, "node-b")])
     # Without its Node object the node is not eligible: /healthz 503, /livez 200 (upstream).
     eventually(lambda: agent.get("http://127.0.0.1:10256/livez")[0] == 200, what="livez")
+    # The first sync must have run before the node's ineligibility shows: wait for it.
+    eventually(lambda: agent.get("http://127.0.0.1:10256/healthz")[0] == 503, what="503")
     code, body = agent.get("http://127.0.0.1:10256/healthz")
     assert code == 503 and json.loads(body)["nodeEligible"] is False
     core = kubernetes.client.CoreV1Api(api)
