@@ -172,9 +172,12 @@ def program(
     *,
     nodes: Sequence[str] = ("a", "b"),
     extra: Sequence[str] = (),
-) -> None:
+    backend: str = "nft",
+) -> list[subprocess.CompletedProcess[str]]:
+    """`pyproxy --once` with `text` as state on each node; asserts it succeeded."""
     path = tmp / "state.yaml"
     path.write_text(text)
+    results = []
     for key in nodes:
         node = cluster.node(key)
         result = node.run(
@@ -194,12 +197,14 @@ def program(
                 "--cluster-cidr",
                 CLUSTER_CIDRS,
                 "--iptables-backend",
-                "nft",
+                backend,
                 *extra,
             ],
             check=False,
         )
         assert result.returncode == 0, result.stderr
+        results.append(result)
+    return results
 
 
 def save(cluster: Cluster, key: str, tool: str = "iptables-nft-save") -> str:
@@ -401,29 +406,7 @@ def test_masquerade_all(fresh_cluster: Cluster, tmp_path: Path) -> None:
 def test_legacy_backend_works_too(fresh_cluster: Cluster, tmp_path: Path) -> None:
     c = fresh_cluster
     one = state(svc("web", "10.96.0.10", HTTP), eps("web", [(B1, "node-b")]))
-    path = tmp_path / "s.yaml"
-    path.write_text(one)
-    node = c.node("a")
-    result = node.run(
-        [
-            sys.executable,
-            "-m",
-            "pyproxy",
-            "--once",
-            "--state",
-            str(path),
-            "--hostname-override",
-            "node-a",
-            "--node-ip",
-            node.ip,
-            "--cluster-cidr",
-            CLUSTER_CIDRS,
-            "--iptables-backend",
-            "legacy",
-        ],
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    program(c, tmp_path, one, nodes=("a",), backend="legacy")
     assert "KUBE-SVC-" in save(c, "a", "iptables-legacy-save")
     assert name(tcp_ask(c.pod("a2"), "10.96.0.10", 80)) == "b1"
 
@@ -476,29 +459,7 @@ def test_invalid_object_is_skipped_and_others_still_work(
         eps("web", [(B1, "node-b")]),
         svc("broken", "10.96.0.999", HTTP),
     )
-    path = tmp_path / "s.yaml"
-    path.write_text(text)
-    node = c.node("a")
-    result = node.run(
-        [
-            sys.executable,
-            "-m",
-            "pyproxy",
-            "--once",
-            "--state",
-            str(path),
-            "--hostname-override",
-            "node-a",
-            "--node-ip",
-            node.ip,
-            "--cluster-cidr",
-            CLUSTER_CIDRS,
-            "--iptables-backend",
-            "nft",
-        ],
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    [result] = program(c, tmp_path, text, nodes=("a",))
     assert "t/broken" in result.stderr and "spec.clusterIPs[0]" in result.stderr
     assert name(tcp_ask(c.pod("a2"), "10.96.0.10", 80)) == "b1"
 
