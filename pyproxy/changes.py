@@ -183,5 +183,14 @@ class ChangeTracker:
         problems, self.problems = self.problems, []
         return problems
 
+    def snapshot(
+        self,
+    ) -> tuple[dict[NamespacedName, Service], dict[NamespacedName, tuple[EndpointSlice, ...]]]:
+        """(Services, their EndpointSlices) as they are now, for computing states outside the
+        lock while events keep coming in (the model objects are frozen: a shallow copy)."""
+        return dict(self.services), {
+            name: tuple(bucket.values()) for name, bucket in self.slices_by_service.items()
+        }
+
     def slices_of(self, name: NamespacedName) -> Iterable[EndpointSlice]:
         return self.slices_by_service.get(name, {}).values()

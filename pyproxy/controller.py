@@ -35,7 +35,7 @@ from pyproxy.metrics import Metrics, MetricsServer
 from pyproxy.model import IPAddress, IPFamily, NamespacedName
 from pyproxy.model import Protocol as L4
 from pyproxy.options import ProxyOptions, proxier_configs
-from pyproxy.proxystate import ProxierConfig, ServicePortState, service_state
+from pyproxy.proxystate import LazyStates, ProxierConfig, ServicePortState, service_state
 from pyproxy.runner import BoundedFrequencyRunner
 from pyproxy.sources.watch import gc_paused
 
@@ -248,6 +248,7 @@ class Controller:
 
     def _sync(self, periodic: bool) -> None:
         started = self._clock()
+        lazy: dict[IPFamily, LazyStates] = {}
         with self._lock:
             changes = self.tracker.take()
             problems = self.tracker.take_problems()
@@ -259,8 +260,16 @@ class Controller:
                     else {n: fp.states[n] for n in changes.services if n in fp.states}
                     for family, fp in self.families.items()
                 }
-                for fp in self.families.values():
-                    self._recompute(fp, None if rebuilt else changes.services)
+                if rebuilt or changes.services is None:
+                    # Everything is recomputed: from a snapshot, outside the lock, Service by
+                    # Service while the rules are written (IptablesProxier streams them).
+                    services, slices = self.tracker.snapshot()
+                    for family, fp in self.families.items():
+                        fp.states = {}
+                        lazy[family] = LazyStates(services, slices, fp.config, fp.states)
+                else:
+                    for fp in self.families.values():
+                        self._recompute(fp, changes.services)
             except Exception:
                 self.tracker.requeue(changes)
                 raise
@@ -277,7 +286,14 @@ class Controller:
         results: dict[IPFamily, SyncResult | IpvsSyncResult] = {}
         try:
             for family, fp in self.families.items():
-                results[family] = self._sync_family(fp, changed, full=periodic)
+                states: ServiceStates | LazyStates = fp.states
+                if family in lazy:
+                    states = lazy[family]
+                    if not isinstance(fp.proxier, IptablesProxier):
+                        for name in states.names():
+                            states.get(name)
+                        states = fp.states
+                results[family] = self._sync_family(fp, states, changed, full=periodic)
                 self._cleanup_conntrack(family, fp, changes, previous.get(family, {}))
         except Exception:
             with self._lock:
@@ -322,10 +338,17 @@ class Controller:
         return True
 
     def _sync_family(
-        self, fp: FamilyProxier, changed: set[NamespacedName] | None, *, full: bool
+        self,
+        fp: FamilyProxier,
+        states: ServiceStates | LazyStates,
+        changed: set[NamespacedName] | None,
+        *,
+        full: bool,
     ) -> SyncResult | IpvsSyncResult:
         family = fp.config.family.value
         try:
+            if isinstance(fp.proxier, IptablesProxier):
+                return fp.proxier.sync(states, changed, full=full)
             return fp.proxier.sync(fp.states, changed, full=full)
         except RestoreError as err:
             self.metrics.iptables_restore_failures_total.labels(family).inc()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TypeVar
@@ -49,6 +50,8 @@ _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _SLOPPY_IPV4 = re.compile(r"(\d+)\.(\d+)\.(\d+)\.(\d+)")
+_inet_pton = socket.inet_pton
+_AF_INET = socket.AF_INET
 
 
 # --- IP parsing (kube-proxy's "sloppy" parsing) -------------------------------------------
@@ -60,6 +63,12 @@ def parse_ip(text: str) -> IPAddress:
     `172.30.0.041` becomes `172.30.0.41` (upstream TestBadIPs), and an IPv4-mapped IPv6
     address is its IPv4 address. Raises ValueError.
     """
+    try:
+        # The common case, strictly dotted-quad IPv4 (no leading zeros), 4 times faster than
+        # ipaddress' own parser; anything else takes the general path below.
+        return ipaddress.IPv4Address(int.from_bytes(_inet_pton(_AF_INET, text)))
+    except (OSError, ValueError, TypeError):
+        pass
     text = text.strip()
     if "%" in text:
         # Python accepts IPv6 zones ("fe80::1%eth0", any characters after %); Go's ParseIP does
@@ -356,6 +365,20 @@ def _hint_names(r: _Reader, hints: Mapping[str, object], key: str, where: str) -
     return frozenset(names)
 
 
+_NO_HINTS: frozenset[str] = frozenset()
+
+
+def _condition(
+    r: _Reader, conditions: Mapping[str, object], key: str, default: bool, index: int
+) -> bool:
+    value = conditions.get(key)
+    if value is None:
+        return default
+    if value is True or value is False:
+        return value
+    raise r.invalid(f"endpoints[{index}].conditions.{key}", f"must be true or false, not {value!r}")
+
+
 def _parse_trigger_time(value: object) -> float | None:
     if not isinstance(value, str):
         return None
@@ -387,6 +410,7 @@ def endpoint_slice_from_api(
         raise r.invalid(
             "addressType", f"unknown value {address_type!r} (IPv4, IPv6, FQDN)"
         ) from None
+    version = 4 if family is IPFamily.IPv4 else 6
     service_name = _labels(obj).get(LABEL_SERVICE_NAME)
     if not isinstance(service_name, str) or not _DNS1035_LABEL.fullmatch(service_name):
         raise r.invalid(f"metadata.labels[{LABEL_SERVICE_NAME}]", "missing or not a Service name")
@@ -407,18 +431,20 @@ def endpoint_slice_from_api(
             EndpointPort(name, protocol, r.integer(port.get("port"), f"{where}.port", 1, 65535))
         )
 
+    # The hot loop of a 10,000-slice list: field names are only formatted for an error.
     endpoints: list[Endpoint] = []
     for i, raw in enumerate(r.sequence(obj.get("endpoints"), "endpoints")):
-        where = f"endpoints[{i}]"
-        ep = r.mapping(raw, where)
-        addresses = r.sequence(ep.get("addresses"), f"{where}.addresses")
+        ep = raw if type(raw) is dict else r.mapping(raw, f"endpoints[{i}]")
+        addresses = ep.get("addresses")
+        if type(addresses) is not list:
+            addresses = r.sequence(addresses, f"endpoints[{i}].addresses")
         try:
             if not addresses:
-                raise r.invalid(f"{where}.addresses", "is empty")
-            address = r.ip(addresses[0], f"{where}.addresses[0]")
-            if IPFamily.of(address) is not family:
+                raise r.invalid(f"endpoints[{i}].addresses", "is empty")
+            address = r.ip(addresses[0], f"endpoints[{i}].addresses[0]")
+            if address.version != version:
                 raise r.invalid(
-                    f"{where}.addresses[0]",
+                    f"endpoints[{i}].addresses[0]",
                     f"{address} is not an {family.value} address"
                     f" (slice addressType {family.value})",
                 )
@@ -426,22 +452,28 @@ def endpoint_slice_from_api(
             if problems is not None:
                 problems.append(problem)
             continue
-        conditions = r.mapping(ep.get("conditions"), f"{where}.conditions")
-        hints = r.mapping(ep.get("hints"), f"{where}.hints")
+        conditions = ep.get("conditions")
+        if type(conditions) is not dict:
+            conditions = r.mapping(conditions, f"endpoints[{i}].conditions")
+        hints = ep.get("hints")
+        if hints is not None:
+            hints = r.mapping(hints, f"endpoints[{i}].hints")
+            zone_hints = _hint_names(r, hints, "forZones", f"endpoints[{i}].hints")
+            node_hints = _hint_names(r, hints, "forNodes", f"endpoints[{i}].hints")
+        else:
+            zone_hints = node_hints = _NO_HINTS
         node_name = ep.get("nodeName")
         zone = ep.get("zone")
         endpoints.append(
             Endpoint(
-                address=address,
-                ready=r.boolean(conditions.get("ready"), f"{where}.conditions.ready", True),
-                serving=r.boolean(conditions.get("serving"), f"{where}.conditions.serving", True),
-                terminating=r.boolean(
-                    conditions.get("terminating"), f"{where}.conditions.terminating", False
-                ),
-                node_name=node_name if isinstance(node_name, str) else None,
-                zone=zone if isinstance(zone, str) else None,
-                zone_hints=_hint_names(r, hints, "forZones", f"{where}.hints"),
-                node_hints=_hint_names(r, hints, "forNodes", f"{where}.hints"),
+                address,
+                _condition(r, conditions, "ready", True, i),
+                _condition(r, conditions, "serving", True, i),
+                _condition(r, conditions, "terminating", False, i),
+                node_name if isinstance(node_name, str) else None,
+                zone if isinstance(zone, str) else None,
+                zone_hints,
+                node_hints,
             )
         )
 

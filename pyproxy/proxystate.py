@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pyproxy.model import (
@@ -127,6 +127,52 @@ def desired_state(
         if ports:
             states[name] = ports
     return states
+
+
+class LazyStates:
+    """Every Service's desired state, computed on first use from a snapshot of the cluster.
+
+    A full sync asks for the Services one by one in output order, so it can write the first
+    ones' rules while the last ones are still to be computed. Non-empty states are stored into
+    `into` as they are computed; once every name has been asked for, `into` is the family's
+    complete state (what `desired_state` gives)."""
+
+    def __init__(
+        self,
+        services: Mapping[NamespacedName, Service],
+        slices: Mapping[NamespacedName, Sequence[EndpointSlice]],
+        config: ProxierConfig,
+        into: dict[NamespacedName, tuple[ServicePortState, ...]],
+    ) -> None:
+        self.services = services
+        self.slices = slices
+        self.config = config
+        self.into = into
+
+    def names(self) -> Iterable[NamespacedName]:
+        """Every Service that may have a state (some turn out empty: other family, no ports)."""
+        return self.services.keys()
+
+    def get(self, name: NamespacedName) -> tuple[ServicePortState, ...]:
+        ports = self.into.get(name)
+        if ports is None:
+            service = self.services.get(name)
+            slices = self.slices.get(name, ())
+            ports = service_state(service, slices, self.config) if service else ()
+            if ports:
+                self.into[name] = ports
+        return ports
+
+    def endpoints_upper_bound(self) -> int:
+        """At least `count_endpoints` of the complete state, without computing it: each
+        endpoint of a slice counts once per slice port (a service port takes each endpoint of
+        a matching slice port at most once)."""
+        return sum(
+            len(es.endpoints) * max(1, len(es.ports))
+            for name, slices in self.slices.items()
+            if name in self.services
+            for es in slices
+        )
 
 
 def count_endpoints(states: Mapping[NamespacedName, tuple[ServicePortState, ...]]) -> int:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 from pyproxy.iptables.kernelview import KernelView
 from pyproxy.iptables.render import (
     ServicePortRules,
+    StreamedRuleset,
     assemble_ruleset,
     is_large_cluster,
     is_service_chain,
@@ -24,10 +25,16 @@ from pyproxy.iptables.render import (
     port_order,
     render_service_port,
     service_order,
+    stream_document,
 )
 from pyproxy.iptables.restore import Iptables
 from pyproxy.model import NamespacedName
-from pyproxy.proxystate import ProxierConfig, ServicePortState, count_endpoints
+from pyproxy.proxystate import LazyStates, ProxierConfig, ServicePortState, count_endpoints
+
+
+class _WrongClusterModeError(Exception):
+    """A streamed full sync guessed upstream's large-cluster mode wrong (see _full_sync)."""
+
 
 #: Upstream's proxyutil.FullSyncPeriod: even without failures, write everything hourly.
 FULL_SYNC_PERIOD = 3600.0
@@ -72,22 +79,24 @@ class IptablesProxier:
         self._last_full = -math.inf
         self.need_full_sync = True
 
+    def _render_ports(
+        self, ports: tuple[ServicePortState, ...], large: bool
+    ) -> tuple[ServicePortRules, ...]:
+        return tuple(
+            render_service_port(s, self.config, large_cluster_mode=large)
+            for s in sorted(ports, key=port_order)
+        )
+
     def render(
         self, states: ServiceStates, changed: Collection[NamespacedName] | None
     ) -> Collection[NamespacedName] | None:
         """Bring the rendered cache up to date; returns the Services re-rendered (None: all)."""
         large = is_large_cluster(count_endpoints(states))
-
-        def render(ports: tuple[ServicePortState, ...]) -> tuple[ServicePortRules, ...]:
-            return tuple(
-                render_service_port(s, self.config, large_cluster_mode=large)
-                for s in sorted(ports, key=port_order)
-            )
-
         if changed is None or large != self._large or not self._rendered:
             self._large = large
             self._rendered = {
-                name: render(states[name]) for name in sorted(states, key=service_order)
+                name: self._render_ports(states[name], large)
+                for name in sorted(states, key=service_order)
             }
             return None
         membership_changed = False
@@ -95,7 +104,7 @@ class IptablesProxier:
             ports = states.get(name)
             if ports:
                 membership_changed = membership_changed or name not in self._rendered
-                self._rendered[name] = render(ports)
+                self._rendered[name] = self._render_ports(ports, large)
             elif self._rendered.pop(name, None) is not None:
                 membership_changed = True
         if membership_changed:
@@ -104,9 +113,41 @@ class IptablesProxier:
             }
         return changed
 
+    def _render_lazily(
+        self,
+        states: ServiceStates | LazyStates,
+        changed: Collection[NamespacedName] | None,
+        large: bool,
+    ) -> Iterator[ServicePortRules]:
+        """The rules of every Service in output order, computing (LazyStates) and rendering
+        what `changed` names (None: everything) only when its turn comes, so a streamed restore
+        parses the first Services while the last are computed. The cache is replaced once the
+        walk is complete. Raises _WrongClusterMode at the end, before the last piece of the
+        document, when `large` was a guess that the complete state contradicts."""
+        cached = {} if changed is None or large != self._large else self._rendered
+        changed_set = None if changed is None else set(changed)
+        rendered: dict[NamespacedName, tuple[ServicePortRules, ...]] = {}
+        get = states.get if isinstance(states, LazyStates) else states.__getitem__
+        names = states.names() if isinstance(states, LazyStates) else states.keys()
+        endpoints = 0
+        for name in sorted(names, key=service_order):
+            ports = get(name)
+            if not ports:
+                continue
+            endpoints += sum(len(port.endpoints) for port in ports)
+            service = cached.get(name) if changed_set is None or name not in changed_set else None
+            if service is None:
+                service = self._render_ports(ports, large)
+            rendered[name] = service
+            yield from service
+        if is_large_cluster(endpoints) != large:
+            raise _WrongClusterModeError
+        self._rendered = rendered
+        self._large = large
+
     def sync(
         self,
-        states: ServiceStates,
+        states: ServiceStates | LazyStates,
         changed: Collection[NamespacedName] | None = None,
         *,
         full: bool = False,
@@ -115,47 +156,87 @@ class IptablesProxier:
 
         `changed` lists the Services that changed since the last sync; only those are
         re-rendered (None: all). A full sync (`full`, no `changed`, a failure or a flushed canary
-        since, or an hour since the last) writes every chain and re-reads the kernel; rendering
-        stays incremental, since rendered text depends only on the states."""
+        since, or an hour since the last) writes every chain and re-reads the kernel, streaming
+        the rules to iptables-restore as they are computed and rendered; rendering stays
+        incremental, since rendered text depends only on the states. `LazyStates` (everything
+        to recompute) always means a full sync."""
         now = self._clock()
         full = (
             full
             or self.need_full_sync
             or changed is None
+            or isinstance(states, LazyStates)
             or now - self._last_full > FULL_SYNC_PERIOD
         )
+        self.need_full_sync = True  # until the restore has succeeded
+        if full or changed is None or isinstance(states, LazyStates):
+            result = self._full_sync(states, changed)
+            self._last_full = now
+        else:
+            result = self._partial_sync(states, changed)
+        self.need_full_sync = False
+        return result
+
+    def _full_sync(
+        self, states: ServiceStates | LazyStates, changed: Collection[NamespacedName] | None
+    ) -> SyncResult:
+        view = KernelView.from_save(self.iptables.save(), skip_rules_of=_service_chain_rules)
+        if isinstance(states, LazyStates):
+            # Upstream's large-cluster mode needs the total endpoint count before the first
+            # rule; an upper bound decides it without computing every state first, and in
+            # the rare case where it is wrong (over the threshold, the real count not), the
+            # stream is abandoned before its COMMIT and written again.
+            large = is_large_cluster(states.endpoints_upper_bound())
+        else:
+            large = is_large_cluster(count_endpoints(states))
+        summary = StreamedRuleset()
+        chunks = stream_document(
+            self._render_lazily(states, changed, large),
+            self.config,
+            summary,
+            stale_chains=view.service_chains(),
+            hooks=view.missing_hooks(jump_rules(self.config)),
+            canary=True,
+        )
+        try:
+            size = self.iptables.restore_stream(chunks)
+        except _WrongClusterModeError:
+            if not isinstance(states, LazyStates):
+                raise  # only a guess can be wrong
+            return self._full_sync(states.into, None)
+        self._active = frozenset(summary.active_nat_chains)
+        return SyncResult(
+            full=True,
+            restore_bytes=size,
+            filter_rules=summary.filter_rules,
+            nat_rules=summary.nat_rules,
+            no_local_internal=summary.no_local_internal,
+            no_local_external=summary.no_local_external,
+            services_written=len(self._rendered),
+        )
+
+    def _partial_sync(
+        self, states: ServiceStates, changed: Collection[NamespacedName]
+    ) -> SyncResult:
         rerendered = self.render(states, changed)
-        changed_set = None if rerendered is None else set(rerendered)
         ports = [rules for service in self._rendered.values() for rules in service]
         write_chains = None
-        if not full and changed_set is not None:
+        if rerendered is not None:
             # The changed Services' rule objects, by identity: cheaper than building and
             # hashing a NamespacedName for each of 10,000 service ports on every sync.
-            written = {id(r) for name in changed_set for r in self._rendered.get(name, ())}
+            written = {id(r) for name in rerendered for r in self._rendered.get(name, ())}
             write_chains = lambda r: id(r) in written  # noqa: E731
         ruleset = assemble_ruleset(ports, self.config, write_chains=write_chains)
-        if full:
-            view = KernelView.from_save(self.iptables.save(), skip_rules_of=_service_chain_rules)
-            stale: Collection[str] = view.service_chains()
-            hooks = view.missing_hooks(jump_rules(self.config))
-        else:
-            stale = self._active - ruleset.active_nat_chains
-            hooks = ()
-        document = ruleset.document(stale_chains=stale, hooks=hooks, canary=full)
-        self.need_full_sync = True  # until the restore has succeeded
+        stale = self._active - ruleset.active_nat_chains
+        document = ruleset.document(stale_chains=stale)
         self.iptables.restore(document)
-        self.need_full_sync = False
         self._active = ruleset.active_nat_chains
-        if full:
-            self._last_full = now
         return SyncResult(
-            full=full,
+            full=False,
             restore_bytes=len(document),
             filter_rules=ruleset.filter_rules,
             nat_rules=ruleset.nat_rules,
             no_local_internal=ruleset.no_local_internal,
             no_local_external=ruleset.no_local_external,
-            services_written=len(self._rendered)
-            if full or changed_set is None
-            else len(changed_set),
+            services_written=len(self._rendered) if rerendered is None else len(rerendered),
         )

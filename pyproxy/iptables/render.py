@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 from pyproxy.model import IPFamily, NamespacedName
 from pyproxy.proxystate import LARGE_CLUSTER_ENDPOINTS_THRESHOLD, ProxierConfig, ServicePortState
@@ -593,6 +593,93 @@ class Ruleset:
     @property
     def text(self) -> str:
         return self.document()
+
+
+@dataclass(slots=True)
+class StreamedRuleset:
+    """What `stream_document` wrote; complete once its iterator is exhausted."""
+
+    active_nat_chains: set[str] = field(default_factory=set)
+    filter_rules: int = 0
+    nat_rules: int = 0
+    no_local_internal: int = 0
+    no_local_external: int = 0
+
+
+def stream_document(
+    ports: Iterable[ServicePortRules],
+    config: ProxierConfig,
+    summary: StreamedRuleset,
+    *,
+    stale_chains: Collection[str] = (),
+    hooks: Iterable[JumpRule] = (),
+    canary: bool = False,
+    random_fully: bool = True,
+) -> Iterator[str]:
+    """The full-sync input of `assemble_ruleset(ports).document(...)`, in pieces that
+    iptables-restore can parse while the next ones are still being rendered.
+
+    Same chains and the same rules in each chain, laid out for streaming: iptables-restore takes
+    a chain declaration anywhere before the first rule naming that chain, so each service
+    port's chains are declared right before its rules; the stale chains, only known once every
+    active one has been seen, are flushed and deleted at the end; and the nat table comes first,
+    the filter table (whose few per-service lines are collected on the way) after it. Each
+    table is still applied atomically at its COMMIT; between the two commits the nat table is
+    new and the filter table old, as the other way round happens in upstream's order.
+    `ports` is consumed lazily, in order; `summary` is filled in as it goes.
+    """
+    hooks = tuple(hooks)
+    canary_decl = f":{KUBE_PROXY_CANARY} - [0:0]\n" if canary else ""
+
+    def inserts(table: str) -> str:
+        return "".join(f"-I {h.chain} 1 {h.spec}\n" for h in hooks if h.table == table)
+
+    if canary:
+        yield f"*mangle\n{canary_decl}COMMIT\n"
+    nat_fixed = fixed_nat_rules(config, random_fully=random_fully)
+    yield "".join(
+        [
+            "*nat\n",
+            canary_decl,
+            *(f":{c} - [0:0]\n" for c in NAT_CHAINS),
+            *(line + "\n" for line in nat_fixed),
+        ]
+    )
+    before, after = fixed_filter_rules(config)
+    filter_parts: list[str] = [line + "\n" for line in before]
+    active = summary.active_nat_chains
+    n_nat = len(nat_fixed)
+    n_filter = len(before) + len(after)
+    for rules in ports:
+        yield "".join([*(f":{c} - [0:0]\n" for c in rules.chains), rules.dispatch_text])
+        yield rules.chains_text
+        if rules.filter_text:
+            filter_parts.append(rules.filter_text)
+        active.update(rules.chains)
+        n_filter += rules.filter_rules
+        n_nat += rules.nat_rules
+        summary.no_local_internal += rules.no_local_internal
+        summary.no_local_external += rules.no_local_external
+    tail = nodeports_jump_rules(config)
+    summary.nat_rules = n_nat + len(tail)
+    summary.filter_rules = n_filter
+    stale = sorted(c for c in set(stale_chains) - active if is_service_chain(c))
+    filter_chains = [*FILTER_CHAINS, *([KUBE_FIREWALL] if before else [])]
+    yield "".join(
+        [
+            *(line + "\n" for line in tail),
+            *(f":{c} - [0:0]\n" for c in stale),
+            *(f"-X {c}\n" for c in stale),
+            inserts("nat"),
+            "COMMIT\n*filter\n",
+            canary_decl,
+            *(f":{c} - [0:0]\n" for c in filter_chains),
+            *filter_parts,
+            *(line + "\n" for line in after),
+            inserts("filter"),
+            "COMMIT\n",
+        ]
+    )
 
 
 def is_large_cluster(total_endpoints: int) -> bool:
