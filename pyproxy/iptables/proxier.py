@@ -5,6 +5,11 @@ whose Service or EndpointSlices changed (the caller says which). A full sync wri
 Service's chains, re-reads the kernel (iptables-save) to find stale chains and missing hooks in
 built-in chains; a partial sync writes only the dispatch chains, the filter table and the chains
 of changed Services, as upstream does. Any failure makes the next sync a full one.
+
+Every sync streams its input to iptables-restore (`stream_document`, `Iptables.restore_stream`)
+while the Services are still being walked, so the Python work overlaps iptables-restore's: at
+10,000 Services a full sync from a LazyStates (states computed as they are needed) takes about
+max(compute + render, parse) + commit instead of their sum.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from pyproxy.iptables.kernelview import KernelView
 from pyproxy.iptables.render import (
     ServicePortRules,
     StreamedRuleset,
-    assemble_ruleset,
     is_large_cluster,
     is_service_chain,
     jump_rules,
@@ -219,24 +223,29 @@ class IptablesProxier:
         self, states: ServiceStates, changed: Collection[NamespacedName]
     ) -> SyncResult:
         rerendered = self.render(states, changed)
-        ports = [rules for service in self._rendered.values() for rules in service]
         write_chains = None
         if rerendered is not None:
             # The changed Services' rule objects, by identity: cheaper than building and
             # hashing a NamespacedName for each of 10,000 service ports on every sync.
             written = {id(r) for name in rerendered for r in self._rendered.get(name, ())}
             write_chains = lambda r: id(r) in written  # noqa: E731
-        ruleset = assemble_ruleset(ports, self.config, write_chains=write_chains)
-        stale = self._active - ruleset.active_nat_chains
-        document = ruleset.document(stale_chains=stale)
-        self.iptables.restore(document)
-        self._active = ruleset.active_nat_chains
+        summary = StreamedRuleset()
+        chunks = stream_document(
+            (rules for service in self._rendered.values() for rules in service),
+            self.config,
+            summary,
+            write_chains=write_chains,
+            # Those no longer active once every Service has been seen are flushed and deleted.
+            stale_chains=self._active,
+        )
+        size = self.iptables.restore_stream(chunks)
+        self._active = frozenset(summary.active_nat_chains)
         return SyncResult(
             full=False,
-            restore_bytes=len(document),
-            filter_rules=ruleset.filter_rules,
-            nat_rules=ruleset.nat_rules,
-            no_local_internal=ruleset.no_local_internal,
-            no_local_external=ruleset.no_local_external,
+            restore_bytes=size,
+            filter_rules=summary.filter_rules,
+            nat_rules=summary.nat_rules,
+            no_local_internal=summary.no_local_internal,
+            no_local_external=summary.no_local_external,
             services_written=len(self._rendered) if rerendered is None else len(rerendered),
         )

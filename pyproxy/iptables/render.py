@@ -611,12 +611,13 @@ def stream_document(
     config: ProxierConfig,
     summary: StreamedRuleset,
     *,
+    write_chains: Callable[[ServicePortRules], bool] | None = None,
     stale_chains: Collection[str] = (),
     hooks: Iterable[JumpRule] = (),
     canary: bool = False,
     random_fully: bool = True,
 ) -> Iterator[str]:
-    """The full-sync input of `assemble_ruleset(ports).document(...)`, in pieces that
+    """The input of `assemble_ruleset(ports, write_chains=...).document(...)`, in pieces that
     iptables-restore can parse while the next ones are still being rendered.
 
     Same chains and the same rules in each chain, laid out for streaming: iptables-restore takes
@@ -626,7 +627,8 @@ def stream_document(
     the filter table (whose few per-service lines are collected on the way) after it. Each
     table is still applied atomically at its COMMIT; between the two commits the nat table is
     new and the filter table old, as the other way round happens in upstream's order.
-    `ports` is consumed lazily, in order; `summary` is filled in as it goes.
+    `ports` is consumed lazily, in order; `summary` is filled in as it goes. `write_chains`
+    false leaves a service port's own chains out, as in `assemble_ruleset`.
     """
     hooks = tuple(hooks)
     canary_decl = f":{KUBE_PROXY_CANARY} - [0:0]\n" if canary else ""
@@ -651,8 +653,11 @@ def stream_document(
     n_nat = len(nat_fixed)
     n_filter = len(before) + len(after)
     for rules in ports:
-        yield "".join([*(f":{c} - [0:0]\n" for c in rules.chains), rules.dispatch_text])
-        yield rules.chains_text
+        if write_chains is None or write_chains(rules):
+            yield "".join([*(f":{c} - [0:0]\n" for c in rules.chains), rules.dispatch_text])
+            yield rules.chains_text
+        else:  # unchanged in the kernel (a partial sync): only the dispatch rules
+            yield rules.dispatch_text
         if rules.filter_text:
             filter_parts.append(rules.filter_text)
         active.update(rules.chains)

@@ -21,10 +21,12 @@ import contextlib
 import errno
 import fcntl
 import os
+import queue
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -141,7 +143,9 @@ class Iptables:
             except OSError as err:
                 raise KernelError(f"cannot run {tool}: {err}") from err
             sent: list[str] = []
-            stdin: IO[bytes] | None = child.stdin
+            # A thread writes, so rendering goes on while a write waits for iptables-restore
+            # to read (a pipe holds 64 KiB: writing from this thread would take turns).
+            writer = _Writer(child.stdin)
             try:
                 pending: list[str] = []
                 pending_size = 0
@@ -150,18 +154,16 @@ class Iptables:
                     pending.append(chunk)
                     pending_size += len(chunk)
                     if pending_size >= _STREAM_WRITE:
-                        stdin = _write(stdin, "".join(pending))
+                        writer.put("".join(pending).encode())
                         pending.clear()
                         pending_size = 0
-                _write(stdin, "".join(pending))
+                writer.put("".join(pending).encode())
             except BaseException:
                 child.kill()
+                writer.close()
                 child.wait()
                 raise
-            finally:
-                if child.stdin is not None:
-                    with contextlib.suppress(BrokenPipeError):
-                        child.stdin.close()
+            writer.close()
             returncode = child.wait()
             if returncode != 0:
                 errors.seek(0)
@@ -202,16 +204,37 @@ class Iptables:
             os.close(fd)  # releases the lock
 
 
-def _write(stdin: IO[bytes] | None, text: str) -> IO[bytes] | None:
-    """Write to a streaming iptables-restore; None (and nothing more is written) once it has
-    stopped reading, after a bad line: its exit status and message say which."""
-    if stdin is None:
-        return None
-    try:
-        stdin.write(text.encode())
-    except BrokenPipeError:
-        return None
-    return stdin
+class _Writer:
+    """Writes byte strings to a child's stdin from its own thread, then closes it. Once the
+    child stops reading (a bad line: its exit status and message say which) the rest is
+    dropped."""
+
+    def __init__(self, stdin: IO[bytes] | None) -> None:
+        self._stdin = stdin
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="iptables-restore stdin")
+        self._thread.start()
+
+    def put(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def close(self) -> None:
+        """Write what is queued, close stdin, and wait for the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        stdin = self._stdin
+        while (data := self._queue.get()) is not None:
+            if stdin is None:
+                continue
+            try:
+                stdin.write(data)
+            except (BrokenPipeError, ValueError):  # stopped reading, or killed
+                stdin = None
+        if self._stdin is not None:
+            with contextlib.suppress(BrokenPipeError, ValueError):
+                self._stdin.close()
 
 
 def _restore_error(tool: str, returncode: int, stderr: str, document: str) -> RestoreError:
