@@ -40,7 +40,7 @@ _FAILED_LINE = re.compile(r"line (\d+) failed|Error occurred at line: (\d+)")
 _WAIT_SECONDS = "5"
 #: Bytes gathered before a write to a streaming iptables-restore (fewer, larger writes).
 _STREAM_WRITE = 256 * 1024
-_LOCK_POLL = 0.02
+_LOCK_POLL = 0.001  # s; flock has no timeout, and kube-proxy's blocking wait is woken at once
 
 
 def _binary(family: IPFamily, backend: str, tool: str) -> str:
@@ -198,10 +198,26 @@ class Iptables:
                             f" for more than {_WAIT_SECONDS} s"
                         ) from None
                     time.sleep(_LOCK_POLL)
-            env = dict(os.environ, XTABLES_LOCKFILE=f"{path}.pyproxy")
-            yield [], env
+            yield [], dict(os.environ, XTABLES_LOCKFILE=_private_lock(path))
         finally:
             os.close(fd)  # releases the lock
+
+
+def _private_lock(path: str) -> str:
+    """A lock file for the child's own locking that nobody else contends: next to the real
+    one, or in the temporary directory where that is not writable."""
+    for candidate in (
+        f"{path}.pyproxy",
+        os.path.join(tempfile.gettempdir(), "pyproxy-xtables.lock"),
+    ):
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+        except OSError:
+            continue
+        return candidate
+    raise KernelError(
+        f"cannot create a private xtables lock file next to {path} or in the temporary directory"
+    )
 
 
 class _Writer:
