@@ -225,10 +225,8 @@ class Controller:
             )
         return tuple(configs)
 
-    def _recompute(self, fp: FamilyProxier, names: set[NamespacedName] | None) -> None:
+    def _recompute(self, fp: FamilyProxier, names: set[NamespacedName]) -> None:
         tracker = self.tracker
-        if names is None:
-            names = set(tracker.services) | set(fp.states)
         for name in names:
             service = tracker.services.get(name)
             ports = service_state(service, tracker.slices_of(name), fp.config) if service else ()
