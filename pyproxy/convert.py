@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import socket
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TypeVar
@@ -50,8 +49,8 @@ _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _SLOPPY_IPV4 = re.compile(r"(\d+)\.(\d+)\.(\d+)\.(\d+)")
-_inet_pton = socket.inet_pton
-_AF_INET = socket.AF_INET
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_PLAIN_IPV4 = re.compile(r"\.".join([_OCTET] * 4)).fullmatch
 
 
 # --- IP parsing (kube-proxy's "sloppy" parsing) -------------------------------------------
@@ -63,12 +62,12 @@ def parse_ip(text: str) -> IPAddress:
     `172.30.0.041` becomes `172.30.0.41` (upstream TestBadIPs), and an IPv4-mapped IPv6
     address is its IPv4 address. Raises ValueError.
     """
-    try:
-        # The common case, strictly dotted-quad IPv4 (no leading zeros), 4 times faster than
-        # ipaddress' own parser; anything else takes the general path below.
-        return ipaddress.IPv4Address(int.from_bytes(_inet_pton(_AF_INET, text)))
-    except (OSError, ValueError, TypeError):
-        pass
+    # The common case, a plain dotted quad without leading zeros, costs a third less this way
+    # than through ipaddress' own parser; anything else takes the general path below.
+    plain = _PLAIN_IPV4(text) if isinstance(text, str) else None
+    if plain is not None:
+        a, b, c, d = plain.groups()
+        return ipaddress.IPv4Address(int.from_bytes(bytes((int(a), int(b), int(c), int(d)))))
     text = text.strip()
     if "%" in text:
         # Python accepts IPv6 zones ("fe80::1%eth0", any characters after %); Go's ParseIP does
