@@ -25,13 +25,22 @@ A1, A2, B1 = "10.244.1.11", "10.244.1.12", "10.244.2.11"
 NODE_A = "172.30.0.2"
 
 
-def eventually(check: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+def eventually(
+    check: Callable[[], bool],
+    timeout: float = 15.0,
+    what: str = "",
+    *,
+    explain: Callable[[], str] | None = None,
+) -> None:
+    """Poll `check` until it holds; on timeout fail with `what` and, if given, `explain()` (the
+    state that lets a rare failure be understood from CI's output alone)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
         time.sleep(0.2)
-    raise AssertionError(f"not true within {timeout} s: {what or check}")
+    detail = f"\n{explain()}" if explain is not None else ""
+    raise AssertionError(f"not true within {timeout} s: {what or check}{detail}")
 
 
 class Agent:
@@ -88,6 +97,23 @@ class Agent:
 
     def save(self) -> str:
         return self.node.run(["iptables-nft-save"]).stdout
+
+    def diagnose(self, probe: Callable[[], object] | None = None) -> str:
+        """What a failed packet check needs explaining: the last probe's answers, the node's
+        rules and conntrack table, the client's route cache and ICMP counters."""
+        parts = [] if probe is None else [f"probe now: {probe()!r}"]
+        client = self.cluster.client
+        for label, where, argv in (
+            ("node-a nat", self.node, ["iptables-nft-save", "-t", "nat"]),
+            ("node-a filter", self.node, ["iptables-nft-save", "-t", "filter"]),
+            ("node-a conntrack", self.node, ["conntrack", "-L"]),
+            ("client routes", client, ["ip", "route", "show", "table", "all"]),
+            ("client neighbours", client, ["ip", "neigh"]),
+            ("client ICMP", client, ["nstat", "-az", "Icmp*"]),
+        ):
+            res = where.run(argv, check=False)
+            parts.append(f"--- {label}\n{res.stdout}{res.stderr}")
+        return "\n".join(parts)
 
     def get(self, url: str) -> tuple[int, str]:
         out = self.node.run(

@@ -77,13 +77,21 @@ def test_service_lifecycle_follows_the_api(
             }
         },
     )
-    eventually(lambda: answers(c.client, NODE_A, 30080, 3) == {"b1"}, what="NodePort")
+    eventually(
+        lambda: answers(c.client, NODE_A, 30080, 3) == {"b1"},
+        what="NodePort",
+        explain=lambda: agent.diagnose(lambda: answers(c.client, NODE_A, 30080, 3)),
+    )
 
     core.patch_namespaced_service("web", namespace, {"spec": {"type": "LoadBalancer"}})
     core.patch_namespaced_service_status(
         "web", namespace, {"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}}}
     )
-    eventually(lambda: answers(c.client, "192.0.2.10", 80, 3) == {"b1"}, what="LB IP")
+    eventually(
+        lambda: answers(c.client, "192.0.2.10", 80, 3) == {"b1"},
+        what="LB IP",
+        explain=lambda: agent.diagnose(lambda: answers(c.client, "192.0.2.10", 80, 3)),
+    )
 
     chains_before = agent.save().count(":KUBE-SVC-")
     core.delete_namespaced_service("web", namespace)
