@@ -386,6 +386,8 @@ class Controller:
             logger.warning("conntrack cleanup failed", ip_family=family.value, error=str(err))
             return
         fp.conntrack_pending = False
+        self.metrics.conntrack_reconciler_latency.labels(family.value).observe(result.seconds)
+        self.metrics.conntrack_reconciler_deleted_total.labels(family.value).inc(result.deleted)
         if result.deleted:
             logger.info(
                 "deleted stale UDP conntrack entries",

@@ -179,6 +179,20 @@ class Metrics:
             ["code"],
             registry=None,
         )
+        # Upstream 1.33+: the UDP conntrack cleanup after a sync (pyproxy.conntrack).
+        self.conntrack_reconciler_latency = Histogram(
+            f"{_SUBSYSTEM}_conntrack_reconciler_sync_duration_seconds",
+            "ReconcileConntrackFlowsLatency latency in seconds",
+            fam,
+            buckets=SYNC_DURATION_BUCKETS,
+            registry=None,
+        )
+        self.conntrack_reconciler_deleted_total = Counter(
+            f"{_SUBSYSTEM}_conntrack_reconciler_deleted_entries_total",
+            "Cumulative conntrack flows deleted by conntrack reconciler",
+            fam,
+            registry=None,
+        )
         # pyproxy's own: how much restore input the last sync of each kind produced, which is
         # what partial syncs exist to keep small.
         self.restore_bytes = Gauge(
@@ -201,6 +215,8 @@ class Metrics:
             self.proxy_livez_total,
             self.network_programming_latency,
             self.no_local_endpoints_total,
+            self.conntrack_reconciler_latency,
+            self.conntrack_reconciler_deleted_total,
         ]
         per_mode: dict[str, list[Collector]] = {
             "iptables": [

@@ -40,6 +40,8 @@ CORE = {
     "kubeproxy_sync_proxy_rules_no_local_endpoints_total": "gauge",
     "kubeproxy_proxy_healthz_total": "counter",
     "kubeproxy_proxy_livez_total": "counter",
+    "kubeproxy_conntrack_reconciler_sync_duration_seconds": "histogram",
+    "kubeproxy_conntrack_reconciler_deleted_entries_total": "counter",
 }
 IPTABLES = {
     "kubeproxy_sync_full_proxy_rules_duration_seconds": "histogram",
