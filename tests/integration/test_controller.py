@@ -236,14 +236,17 @@ def test_udp_flow_moves_when_its_endpoint_goes(
         return isinstance(r, Reply) and r.name == "b1"
 
     eventually(moved, 10, "steady UDP flow answered by the remaining endpoint")
-    # The flow to a1 was deleted by the conntrack reconciler, and counted.
+
+    # The flow to a1 was deleted by the conntrack reconciler, and counted (the counter is
+    # bumped just after the deletion, so a scrape may briefly lag the packet).
+    def deleted() -> float:
+        metrics = agent.get("http://127.0.0.1:10249/metrics")[1]
+        prefix = 'kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family="IPv4"} '
+        values = [float(ln[len(prefix) :]) for ln in metrics.splitlines() if ln.startswith(prefix)]
+        return values[0] if values else 0.0
+
+    eventually(lambda: deleted() >= 1, 5, "conntrack_reconciler_deleted_entries_total >= 1")
     metrics = agent.get("http://127.0.0.1:10249/metrics")[1]
-    deleted = [
-        float(line.split()[-1])
-        for line in metrics.splitlines()
-        if line.startswith('kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family="IPv4"}')
-    ]
-    assert deleted and deleted[0] >= 1, metrics
     assert 'kubeproxy_conntrack_reconciler_sync_duration_seconds_count{ip_family="IPv4"}' in metrics
 
 
