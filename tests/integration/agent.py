@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -185,7 +185,10 @@ def set_endpoints(
     port: int = 8080,
     proto: str = "TCP",
     port_name: str = "p",
+    not_ready: Collection[str] = (),
 ) -> None:
+    """Create or replace the Service's one EndpointSlice: `eps` are (address, node name); the
+    addresses in `not_ready` have condition ready false."""
     body = {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -197,7 +200,8 @@ def set_endpoints(
         "addressType": "IPv4",
         "ports": [{"name": port_name, "port": port, "protocol": proto}],
         "endpoints": [
-            {"addresses": [ip], "nodeName": node, "conditions": {"ready": True}} for ip, node in eps
+            {"addresses": [ip], "nodeName": node, "conditions": {"ready": ip not in not_ready}}
+            for ip, node in eps
         ],
     }
     d = kubernetes.client.DiscoveryV1Api(api)

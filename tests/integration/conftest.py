@@ -51,6 +51,13 @@ def _bin_dir() -> Path:
 
 
 @pytest.fixture
+def api(control_plane: ControlPlane) -> Iterator[kubernetes.client.ApiClient]:
+    """An admin API client for the test's own objects."""
+    with api_client(control_plane.kubeconfig_admin) as client:
+        yield client
+
+
+@pytest.fixture
 def namespace(control_plane: ControlPlane) -> Iterator[str]:
     """A namespace created for this test through the API and deleted after it."""
     name = f"test-{uuid.uuid4().hex[:10]}"

@@ -29,7 +29,7 @@ from agent import (
     running_agent,
     set_endpoints,
 )
-from controlplane import ControlPlane, api_client
+from controlplane import ControlPlane
 from netlab import Cluster, Reply, tcp_ask, udp_ask
 from netlab.fixtures import cluster_fixture
 
@@ -45,12 +45,6 @@ def agent(node_cluster: Cluster, control_plane: ControlPlane, tmp_path: Path) ->
         node_cluster, control_plane.server, control_plane.kubeconfig_proxy, tmp_path
     ) as a:
         yield a
-
-
-@pytest.fixture
-def api(control_plane: ControlPlane) -> Iterator[kubernetes.client.ApiClient]:
-    with api_client(control_plane.kubeconfig_admin) as client:
-        yield client
 
 
 def test_service_lifecycle_follows_the_api(

@@ -19,8 +19,20 @@ from typing import Any
 
 import kubernetes
 import pytest
-from agent import A1, A2, B1, CLUSTER_CIDRS, NODE_A, Agent, answers, eventually, running_agent
-from controlplane import ControlPlane, api_client
+from agent import (
+    A1,
+    A2,
+    B1,
+    CLUSTER_CIDRS,
+    NODE_A,
+    Agent,
+    answers,
+    eventually,
+    make_service,
+    running_agent,
+    set_endpoints,
+)
+from controlplane import ControlPlane
 from netlab import Cluster
 from netlab.fixtures import cluster_fixture
 
@@ -29,51 +41,12 @@ pytestmark = [pytest.mark.integration]
 NODE_FLAGS = ["--hostname-override", "node-a", "--node-ip", NODE_A, "--cluster-cidr", CLUSTER_CIDRS]
 
 
-@pytest.fixture
-def api(control_plane: ControlPlane) -> Iterator[kubernetes.client.ApiClient]:
-    with api_client(control_plane.kubeconfig_admin) as client:
-        yield client
-
-
 def create_service(
     api: kubernetes.client.ApiClient, ns: str, name: str, ip: str, port_name: str = "p"
 ) -> None:
-    body = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "clusterIP": ip,
-            "selector": {"app": name},
-            "ports": [{"name": port_name, "port": 80, "targetPort": 8080, "protocol": "TCP"}],
-        },
-    }
-    kubernetes.client.CoreV1Api(api).create_namespaced_service(ns, body)
-
-
-def create_slice(
-    api: kubernetes.client.ApiClient,
-    ns: str,
-    service: str,
-    endpoints: list[tuple[str, str, bool]],
-    port_name: str = "p",
-) -> None:
-    body = {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"{service}-x",
-            "namespace": ns,
-            "labels": {"kubernetes.io/service-name": service},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": port_name, "port": 8080, "protocol": "TCP"}],
-        "endpoints": [
-            {"addresses": [ip], "nodeName": node, "conditions": {"ready": ready}}
-            for ip, node, ready in endpoints
-        ],
-    }
-    kubernetes.client.DiscoveryV1Api(api).create_namespaced_endpoint_slice(ns, body)
+    """A Service selecting pods labelled app=NAME, port 80 → 8080."""
+    port = {"name": port_name, "port": 80, "targetPort": 8080, "protocol": "TCP"}
+    make_service(api, ns, name, ip, spec={"selector": {"app": name}, "ports": [port]})
 
 
 def explain(kubeconfig: Path, ns: str, service: str, *extra: str, code: int = 0) -> dict[str, Any]:
@@ -93,10 +66,10 @@ def test_explain_reads_the_api_with_the_proxy_identity(
     control_plane: ControlPlane, api: kubernetes.client.ApiClient, namespace: str
 ) -> None:
     create_service(api, namespace, "web", "10.96.7.10")
-    create_slice(api, namespace, "web", [(A1, "node-a", True), (B1, "node-b", False)])
+    set_endpoints(api, namespace, "web", [(A1, "node-a"), (B1, "node-b")], not_ready={B1})
     create_service(api, namespace, "nopods", "10.96.7.11")
     create_service(api, namespace, "renamed", "10.96.7.12", port_name="http")
-    create_slice(api, namespace, "renamed", [(A1, "node-a", True)], port_name="web")
+    set_endpoints(api, namespace, "renamed", [(A1, "node-a")], port_name="web")
 
     ex = explain(control_plane.kubeconfig_proxy, namespace, "web")
     assert (ex["service"], ex["found"], ex["type"]) == (f"{namespace}/web", True, "ClusterIP")
@@ -154,7 +127,7 @@ def test_trace_checks_the_agents_rules_against_the_api(
     agent: Agent, api: kubernetes.client.ApiClient, namespace: str
 ) -> None:
     create_service(api, namespace, "web", "10.96.7.20")
-    create_slice(api, namespace, "web", [(A1, "node-a", True), (B1, "node-b", True)])
+    set_endpoints(api, namespace, "web", [(A1, "node-a"), (B1, "node-b")])
     c = agent.cluster
     eventually(lambda: answers(c.pod("a2"), "10.96.7.20", 80, 20) == {"a1", "b1"}, what="2 eps")
 
