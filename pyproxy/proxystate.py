@@ -52,8 +52,8 @@ class ProxierConfig:
     localhost_nodeports: bool = True
     #: `--nodeport-addresses` of this family; empty means every local address.
     nodeport_addresses: tuple[IPNetwork, ...] = ()
-    #: The PreferSameTrafficDistribution feature gate (node hints).
-    prefer_same_node: bool = False
+    #: The PreferSameTrafficDistribution feature gate (node hints): on by default in 1.34.
+    prefer_same_node: bool = True
     #: `nf_conntrack_tcp_be_liberal` was set on the host (drops the INVALID rule).
     conntrack_tcp_be_liberal: bool = False
 
