@@ -12,7 +12,7 @@ import argparse
 import re
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pyproxy.convert import parse_cidr, parse_ip
 from pyproxy.errors import ConfigError
@@ -310,6 +310,20 @@ def node_ips(
     if node is not None and node.addresses:
         return node.addresses
     return tuple(host_ips)
+
+
+def with_interface_ips(
+    configs: Sequence[ProxierConfig], interface_ips: Sequence[IPAddress]
+) -> tuple[ProxierConfig, ...]:
+    """Give each config its family's interface addresses, for `--nodeport-addresses` CIDRs.
+
+    Upstream (NodePortAddresses.GetNodeIPs) matches the CIDRs against every address of the
+    host's interfaces, not only the node IPs; callers pass those addresses only when CIDRs
+    were given (the default, every local address, and `primary` do not need them)."""
+    return tuple(
+        replace(c, interface_ips=tuple(ip for ip in interface_ips if IPFamily.of(ip) is c.family))
+        for c in configs
+    )
 
 
 def proxier_configs(
