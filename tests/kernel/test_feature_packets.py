@@ -21,6 +21,7 @@ with a control in the same test showing that the probe would have been answered 
 from __future__ import annotations
 
 import json
+import select
 import socket
 import struct
 import subprocess
@@ -528,7 +529,9 @@ def agent_on_a(net: Cluster, tmp_path: Path) -> Iterator[Cluster]:
     )
     try:
         assert proc.popen.stdout is not None
-        line = proc.popen.stdout.readline()
+        # A generous bound on a loaded machine; a failed first sync never prints SYNCED.
+        ready, _, _ = select.select([proc.popen.stdout], [], [], 120)
+        line = proc.popen.stdout.readline() if ready else ""
         assert line.strip() == "SYNCED", f"agent did not sync: {line!r}\n{proc.log_text()}"
         yield net
     finally:
