@@ -25,7 +25,7 @@ from pyproxy.iptables.proxier import IptablesProxier
 from pyproxy.iptables.render import jump_rules, render_ruleset
 from pyproxy.iptables.restore import Iptables, detect_backend
 from pyproxy.model import ClusterState, IPFamily
-from pyproxy.options import ProxyOptions, parse_options, proxier_configs
+from pyproxy.options import ProxyOptions, parse_options, proxier_configs, with_interface_ips
 from pyproxy.proxystate import ProxierConfig, desired_state
 
 logger = structlog.get_logger("pyproxy")
@@ -81,12 +81,23 @@ def prepare_kernel(config: ProxierConfig) -> ProxierConfig:
     return dataclasses.replace(config, conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal())
 
 
+def _sync_configs(options: ProxyOptions, cluster: ClusterState) -> tuple[ProxierConfig, ...]:
+    """The configs of a real sync: as a dry run's, plus the host's interface addresses that
+    `--nodeport-addresses` CIDRs select (a dry run describes the node from its flags alone)."""
+    configs = _configs(options, cluster)
+    if options.nodeport_addresses and options.nodeport_addresses != ("primary",):
+        from pyproxy.hostnet import host_addresses
+
+        configs = with_interface_ips(configs, host_addresses())
+    return configs
+
+
 def sync_once_ipvs(options: ProxyOptions, cluster: ClusterState, backend: str) -> None:
     from pyproxy.ipvs.proxier import IpvsProxier
 
     # No prepare_kernel: ipvs mode has no localhost NodePorts and no INVALID rule; the
     # proxier sets its own sysctls (net.ipv4.vs.*, ip_forward) on its first sync.
-    for config in _configs(options, cluster):
+    for config in _sync_configs(options, cluster):
         proxier = IpvsProxier(
             config, Iptables(config.family, backend), scheduler=options.ipvs_scheduler
         )
@@ -113,7 +124,7 @@ def sync_once(options: ProxyOptions, cluster: ClusterState) -> None:
     if options.proxy_mode == "ipvs":
         sync_once_ipvs(options, cluster, backend)
         return
-    for config in map(prepare_kernel, _configs(options, cluster)):
+    for config in map(prepare_kernel, _sync_configs(options, cluster)):
         proxier = IptablesProxier(config, Iptables(config.family, backend))
         result = proxier.sync(desired_state(cluster, config))
         logger.info(

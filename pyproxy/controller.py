@@ -34,7 +34,7 @@ from pyproxy.ipvs.proxier import IpvsProxier, IpvsSyncResult
 from pyproxy.metrics import Metrics, MetricsServer
 from pyproxy.model import IPAddress, IPFamily, NamespacedName
 from pyproxy.model import Protocol as L4
-from pyproxy.options import ProxyOptions, proxier_configs
+from pyproxy.options import ProxyOptions, proxier_configs, with_interface_ips
 from pyproxy.proxystate import LazyStates, ProxierConfig, ServicePortState, service_state
 from pyproxy.runner import BoundedFrequencyRunner
 from pyproxy.sources.watch import gc_paused
@@ -217,7 +217,11 @@ class Controller:
         if not self.options.node_ips and (node is None or not node.addresses):
             host = self._host_addresses()
         configs = []
-        for config in proxier_configs(self.options, node, host):
+        found = proxier_configs(self.options, node, host)
+        nodeport = self.options.nodeport_addresses
+        if nodeport and nodeport != ("primary",):
+            found = with_interface_ips(found, host or self._host_addresses())
+        for config in found:
             if config.localhost_nodeports and self.options.proxy_mode == "iptables":
                 sysctl.ensure("net.ipv4.conf.all.route_localnet", "1")
             configs.append(
