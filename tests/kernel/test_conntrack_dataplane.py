@@ -213,8 +213,9 @@ def test_flow_leaves_an_endpoint_removed_after_terminating(cluster: Cluster, fam
 
     # Step 2: removed. The rules stay as they were; the flow is stale and must go.
     gone = state(fam, [pods[staying]])
-    assert sync(node, fam, draining, gone) == 1
+    deleted = sync(node, fam, draining, gone)
     assert answered_by(ask(cluster, fam)) == staying
+    assert deleted == 1
 
 
 # ---- synthetic tables ----------------------------------------------------------------------------
