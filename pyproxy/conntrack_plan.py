@@ -28,7 +28,6 @@ Differences from that file, on purpose:
   port number equals another Service's nodePort loses its valid flows on every cleanup.
 - Two Services claiming the same frontend (a conflict the API allows for external IPs) allow
   the union of their endpoints instead of whichever Go's map iteration visits last.
-
 - Upstream dumps the table after every sync; pyproxy only after a sync that may have made a
   flow stale (`cleanup_needed`), judged on the very map the flows are judged against, so no
   sequence of endpoint states can strand a flow (an endpoint that turns terminating but still
