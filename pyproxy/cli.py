@@ -69,6 +69,12 @@ def dry_run(options: ProxyOptions, cluster: ClusterState) -> str:
 
             out.append(dry_run_text(states, config, options.ipvs_scheduler))
             continue
+        if options.proxy_mode == "nftables":
+            from pyproxy.nftables.render import render_ruleset as render_nftables
+
+            ports = (p for ports in states.values() for p in ports)
+            out.append(render_nftables(ports, config, cluster.all_service_cidrs()).dump())
+            continue
         ruleset = render_ruleset((p for ports in states.values() for p in ports), config)
         out.append(ruleset.document(hooks=jump_rules(config)))
     return "".join(out)
@@ -192,7 +198,7 @@ def run(options: ProxyOptions) -> int:
     if options.cleanup:
         cleanup(options)
         return 0
-    if options.proxy_mode not in ("iptables", "ipvs"):
+    if options.proxy_mode not in ("iptables", "ipvs", "nftables"):
         raise ConfigError(f"--proxy-mode {options.proxy_mode} is not implemented yet")
     if options.state is None:
         if options.dry_run or options.once:
