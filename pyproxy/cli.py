@@ -114,7 +114,37 @@ def sync_once_ipvs(options: ProxyOptions, cluster: ClusterState, backend: str) -
         )
 
 
+def sync_once_nftables(options: ProxyOptions, cluster: ClusterState) -> None:
+    import time
+
+    from pyproxy.nftables.proxier import STALE_CHAIN_DELAY, NftablesProxier
+
+    # No prepare_kernel: nftables mode has no localhost NodePorts and no INVALID rule.
+    for config in _configs(options, cluster):
+        proxier = NftablesProxier(config, service_cidrs=cluster.all_service_cidrs())
+        result = proxier.sync(desired_state(cluster, config), full=True)
+        if proxier.stale_chains:
+            # Chains a previous run left were flushed; delete them once the kernel has let go
+            # of them (upstream waits a second for kernels before 6.2), then exit.
+            time.sleep(STALE_CHAIN_DELAY)
+            proxier.delete_stale_chains(force=True)
+        logger.info(
+            "synced",
+            ip_family=config.family.value,
+            proxy_mode="nftables",
+            full=result.full,
+            services=result.services_written,
+            chains=result.chains_written,
+            elements=result.elements_added,
+            stale_chains=result.stale_chains_flushed,
+            transaction_bytes=result.transaction_bytes,
+        )
+
+
 def sync_once(options: ProxyOptions, cluster: ClusterState) -> None:
+    if options.proxy_mode == "nftables":
+        sync_once_nftables(options, cluster)
+        return
     backend = detect_backend(options.iptables_backend)
     if options.proxy_mode == "ipvs":
         sync_once_ipvs(options, cluster, backend)
@@ -134,7 +164,22 @@ def sync_once(options: ProxyOptions, cluster: ClusterState) -> None:
         )
 
 
+def cleanup_nftables() -> None:
+    """Delete the `ip` and `ip6` `kube-proxy` tables (nftables mode's only objects)."""
+    from pyproxy.nftables.nft import Nft
+    from pyproxy.nftables.render import TABLE
+
+    for family, nft_family in ((IPFamily.IPv4, "ip"), (IPFamily.IPv6, "ip6")):
+        nft = Nft(nft_family, TABLE)
+        existed = nft.names().exists
+        if existed:
+            nft.delete_table()
+        logger.info("cleaned up nftables mode", ip_family=family.value, changed=existed)
+
+
 def cleanup(options: ProxyOptions) -> None:
+    # Every mode's leftovers, whatever --proxy-mode says (as kube-proxy's --cleanup).
+    cleanup_nftables()
     backend = detect_backend(options.iptables_backend)
     for family in IPFamily:
         iptables = Iptables(family, backend)
