@@ -92,6 +92,12 @@ class Nft:
         sets = self._names("sets") or []
         return TableNames(True, frozenset(chains), frozenset(sets))
 
+    def chain_has_rule(self, chain: str, text: str) -> bool:
+        """Does `chain` exist with a rule containing `text` (False if the table or chain is
+        gone)."""
+        cp = self._run(["list", "chain", self.family, self.table, chain])
+        return cp.returncode == 0 and text in cp.stdout
+
     def list_table(self) -> str:
         """`nft list table` text (for tests and for logging after a failure)."""
         cp = self._run(["list", "table", self.family, self.table])

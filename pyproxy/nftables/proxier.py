@@ -30,6 +30,8 @@ from pyproxy.model import IPNetwork, NamespacedName
 from pyproxy.nftables.nft import Nft
 from pyproxy.nftables.render import (
     NODEPORT_IPS,
+    SERVICE_IPS,
+    SERVICES,
     TABLE,
     TABLE_COMMENT,
     BaseObjects,
@@ -167,6 +169,12 @@ class NftablesProxier:
             del self._stale_chains[chain]
         self.nft.run("".join(f"delete chain {self.fam} {TABLE} {c}\n" for c in due))
         return len(due)
+
+    def table_intact(self) -> bool:
+        """The cheap periodic check (the iptables canary's equivalent): our `services` chain
+        still dispatches through @service-ips. False after `nft flush ruleset`, a deleted table
+        or a flushed table; the caller then asks for a full sync. Reads one chain only."""
+        return self.nft.chain_has_rule(SERVICES, f"vmap @{SERVICE_IPS}")
 
     def cleanup(self) -> None:
         """Delete our table (only ours: other tables in the family are untouched)."""

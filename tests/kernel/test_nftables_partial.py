@@ -90,6 +90,19 @@ def canonical(ns: str) -> tuple[list[tuple[str, str, str]], dict[str, list[str]]
     return sorted(objects), rules
 
 
+def full_render_into(ns: str, text: str) -> None:
+    """Load `text` (a full render) into an emptied namespace, as `nft -f` from nothing."""
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "flush", "ruleset"], check=True)
+    cp = subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "-f", "-"],
+        input=text,
+        text=True,
+        capture_output=True,
+        check=False,
+    )
+    assert cp.returncode == 0, cp.stderr
+
+
 # --- random cluster changes ----------------------------------------------------------------
 
 
@@ -237,17 +250,34 @@ def test_partial_syncs_equal_a_full_render(seed: int, ns_a: str, ns_b: str) -> N
         text = render_ruleset(
             (p for ports in states.values() for p in ports), config, cluster.all_service_cidrs()
         ).dump()
-        flush = ["ip", "netns", "exec", ns_b, "nft", "flush", "ruleset"]
-        subprocess.run(flush, check=True, capture_output=True)
-        cp = subprocess.run(
-            ["ip", "netns", "exec", ns_b, "nft", "-f", "-"],
-            input=text,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert cp.returncode == 0, cp.stderr
+        full_render_into(ns_b, text)
         assert canonical(ns_a) == canonical(ns_b), f"step {step}, changed {sorted(changed)}"
     # Nothing changed, nothing written.
     assert proxier.sync(desired_state(cluster, config), set()).transaction_bytes == 0
     assert any(partial_bytes)
+
+
+@pytest.mark.parametrize("damage", ["flush table ip kube-proxy", "delete table ip kube-proxy",
+                                    "flush ruleset"])  # fmt: skip
+def test_damaged_table_is_detected_and_repaired(damage: str, ns_a: str, ns_b: str) -> None:
+    world = World(random.Random(7))  # noqa: S311 - a seeded, reproducible state, not crypto
+    for _ in range(4):
+        world.step()
+    cluster, problems = state_from_objects(world.objects())
+    assert problems == []
+    (config,) = proxier_configs(parse_options(ARGS), None, ())
+    states = desired_state(cluster, config)
+    proxier = NftablesProxier(config, nft_in(ns_a), service_cidrs=cluster.all_service_cidrs())
+    proxier.sync(states, None)
+    assert proxier.table_intact()
+
+    subprocess.run(["ip", "netns", "exec", ns_a, "nft", *damage.split()], check=True)
+    assert not proxier.table_intact()
+    assert proxier.sync(states, None, full=True).full
+    assert proxier.table_intact()
+
+    text = render_ruleset(
+        (p for ports in states.values() for p in ports), config, cluster.all_service_cidrs()
+    ).dump()
+    full_render_into(ns_b, text)
+    assert canonical(ns_a) == canonical(ns_b)
