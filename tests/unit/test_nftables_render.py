@@ -380,3 +380,10 @@ def test_service_cidrs_of_other_family_are_ignored() -> None:
     }
     text = ipv4_dump([cidrs, other, service("ns1", "svc1", "172.30.0.41")])
     assert "ip daddr { 172.30.0.0/16,172.50.0.0/16 } drop" in text
+
+
+def test_agent_mode_refuses_nftables_instead_of_falling_back() -> None:
+    """Until the agent is wired to NftablesProxier, it must not program iptables instead."""
+    from pyproxy.cli import main
+
+    assert main(["--proxy-mode", "nftables", "--hostname-override", "n"]) == 2
