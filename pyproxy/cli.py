@@ -119,6 +119,8 @@ def sync_once_nftables(options: ProxyOptions, cluster: ClusterState) -> None:
 
     from pyproxy.nftables.proxier import STALE_CHAIN_DELAY, NftablesProxier
 
+    # As kube-proxy's platformCleanup: switching to nftables removes the other modes' rules.
+    cleanup_iptables_modes(options)
     # No prepare_kernel: nftables mode has no localhost NodePorts and no INVALID rule.
     for config in _configs(options, cluster):
         proxier = NftablesProxier(config, service_cidrs=cluster.all_service_cidrs())
@@ -145,6 +147,8 @@ def sync_once(options: ProxyOptions, cluster: ClusterState) -> None:
     if options.proxy_mode == "nftables":
         sync_once_nftables(options, cluster)
         return
+    # As kube-proxy's platformCleanup: iptables and IPVS modes remove nftables mode's tables.
+    cleanup_nftables()
     backend = detect_backend(options.iptables_backend)
     if options.proxy_mode == "ipvs":
         sync_once_ipvs(options, cluster, backend)
@@ -186,6 +190,11 @@ def cleanup_nftables() -> None:
 def cleanup(options: ProxyOptions) -> None:
     # Every mode's leftovers, whatever --proxy-mode says (as kube-proxy's --cleanup).
     cleanup_nftables()
+    cleanup_iptables_modes(options)
+
+
+def cleanup_iptables_modes(options: ProxyOptions) -> None:
+    """iptables and IPVS modes' leftovers (rules, chains, virtual servers, ipsets, dummy)."""
     backend = detect_backend(options.iptables_backend)
     for family in IPFamily:
         iptables = Iptables(family, backend)

@@ -260,3 +260,32 @@ def test_cleanup_removes_only_our_tables(fresh_cluster: Cluster, tmp_path: Path)
     tables = node.run(["nft", "list", "tables"]).stdout
     assert "kube-proxy" not in tables
     assert "table inet someone-else" in tables
+
+
+def test_switching_modes_removes_the_other_modes_rules(
+    fresh_cluster: Cluster, tmp_path: Path
+) -> None:
+    """kube-proxy's platformCleanup: nftables mode removes iptables (and IPVS) mode's rules,
+    iptables mode removes nftables mode's table."""
+    c = fresh_cluster
+    node = c.node("a")
+    one = state(svc("web", "10.96.0.10", HTTP), eps("web", [(A1, "node-a")]))
+    path = tmp_path / "state.yaml"
+    path.write_text(one)
+    iptables_once = [
+        sys.executable, "-m", "pyproxy", "--once", "--state", str(path),
+        "--hostname-override", node.node_name, "--node-ip", node.ip,
+        "--iptables-backend", "nft",
+    ]  # fmt: skip
+    result = node.run(iptables_once, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "KUBE-SERVICES" in node.run(["iptables-nft-save", "-t", "nat"]).stdout
+
+    program(c, tmp_path, one, nodes=("a",))
+    assert "KUBE-SVC-" not in node.run(["iptables-nft-save", "-t", "nat"]).stdout
+    assert name(tcp_ask(c.pod("a2"), "10.96.0.10", 80)) == "a1"
+
+    result = node.run(iptables_once, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "kube-proxy" not in node.run(["nft", "list", "tables"]).stdout
+    assert name(tcp_ask(c.pod("a2"), "10.96.0.10", 80)) == "a1"
