@@ -1,0 +1,202 @@
+"""Upstream's nftables packet-flow tables, traced through pyproxy's nftables-mode output.
+
+Objects and expected results are upstream's (pkg/proxy/nftables/proxier_test.go v1.34.4:
+TestClusterIPGeneral, TestLoadBalancer, TestExternalTrafficPolicyLocal,
+TestExternalTrafficPolicyCluster), traced with upstream's tracer semantics (nft_tracer.py):
+the output is the endpoint(s) the packet may reach, or DROP / REJECT, and whether it would be
+masqueraded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from nft_tracer import TraceError, trace_packet
+from unit_support import (
+    EXTERNAL_CLIENT,
+    EXTERNAL_CLIENT_BLOCKED,
+    LOCAL_IPS,
+    NODE_IP,
+    TEST_NODE,
+    endpoint,
+    endpoint_slice,
+    port,
+    render,
+    sections,
+    service,
+    slice_port,
+)
+
+#: upstream NewFakeProxier (IPv4), nftables mode.
+NFT_ARGS = (
+    "--proxy-mode", "nftables",
+    "--hostname-override", TEST_NODE,
+    "--node-ip", NODE_IP,
+    "--node-ip", "192.168.1.2",
+    "--cluster-cidr", "10.0.0.0/8",
+    "--nodeport-addresses", "192.168.0.2/32",
+)  # fmt: skip
+SERVICE_CIDR = {
+    "apiVersion": "networking.k8s.io/v1",
+    "kind": "ServiceCIDR",
+    "metadata": {"name": "kubernetes"},
+    "spec": {"cidrs": ["172.30.0.0/16"]},
+}
+
+Flow = tuple[str, str, str, int, str, bool]  # (source, protocol, dest, port, output, masq)
+
+
+def run_flows(objects: list[dict[str, Any]], flows: list[Flow]) -> None:
+    dump = sections(render([SERVICE_CIDR, *objects], NFT_ARGS))["IPv4"]
+    failures = []
+    for src, proto, dst, dport, want, want_masq in flows:
+        matches, output, masq = trace_packet(
+            dump, src, proto, dst, dport, node_ips=frozenset(LOCAL_IPS)
+        )
+        if (output, masq) != (want, want_masq):
+            failures.append(
+                f"{src} -> {dst}:{dport}/{proto}: got {output!r} masq={masq}, want {want!r}"
+                f" masq={want_masq}; matched:\n  " + "\n  ".join(matches)
+            )
+    assert not failures, "\n".join(failures)
+
+
+def test_tracer_rejects_rules_it_does_not_know() -> None:
+    """The tracer fails on anything unexpected instead of skipping it (can fail)."""
+    dump = "add chain ip kube-proxy nat-prerouting\nadd rule ip kube-proxy nat-prerouting meta mark 1 accept\n"  # noqa: E501
+    with pytest.raises(TraceError):
+        trace_packet(dump + "add chain ip kube-proxy filter-prerouting-pre-dnat\n", "1.1.1.1",
+                     "tcp", "2.2.2.2", 80, node_ips=frozenset())  # fmt: skip
+
+
+def test_cluster_ip_general() -> None:
+    svc2_ports = [
+        port("http", 80),
+        port("https", 443, target_port=8443),
+        port("dns-udp", 53, "UDP"),
+        port("dns-tcp", 53, "TCP", target_port=5353),
+        port("dns-sctp", 53, "SCTP"),
+    ]
+    slice2_ports = [
+        slice_port("http", 80),
+        slice_port("https", 8443),
+        slice_port("dns-udp", 53, "UDP"),
+        slice_port("dns-tcp", 5353, "TCP"),
+        slice_port("dns-sctp", 53, "SCTP"),
+    ]
+    objects = [
+        service("ns1", "svc1", "172.30.0.41", [port("http", 80)]),
+        service("ns2", "svc2", "172.30.0.42", svc2_ports),
+        endpoint_slice(
+            "ns1", "svc1", [endpoint("10.180.0.1", TEST_NODE)], [slice_port("http", 80)]
+        ),
+        endpoint_slice(
+            "ns2",
+            "svc2",
+            [endpoint("10.180.0.1", TEST_NODE), endpoint("10.180.2.1", "node2")],
+            slice2_ports,
+        ),
+    ]
+    src = "10.180.0.2"
+    both = "10.180.0.1:{p}, 10.180.2.1:{p}"
+    run_flows(
+        objects,
+        [
+            (src, "tcp", "172.30.0.41", 80, "10.180.0.1:80", False),
+            ("10.180.0.1", "tcp", "172.30.0.41", 80, "10.180.0.1:80", True),  # hairpin
+            (src, "tcp", "172.30.0.42", 80, both.format(p=80), False),
+            (src, "tcp", "172.30.0.42", 443, both.format(p=8443), False),
+            (src, "tcp", "172.30.0.42", 53, both.format(p=5353), False),
+            (src, "udp", "172.30.0.42", 53, both.format(p=53), False),
+            (src, "sctp", "172.30.0.42", 53, both.format(p=53), False),
+            (src, "udp", "172.30.0.42", 80, "REJECT", False),  # TCP-only port
+            (src, "tcp", "172.30.0.41", 443, "REJECT", False),  # svc2's port on svc1
+            (src, "tcp", "172.30.0.50", 80, "DROP", False),  # unallocated cluster IP
+        ],
+    )
+
+
+def test_load_balancer() -> None:
+    objects = [
+        service(
+            "ns1",
+            "svc1",
+            "172.30.0.41",
+            [port("p80", 80, node_port=3001)],
+            type="LoadBalancer",
+            lb_ingress=["1.2.3.4", "5.6.7.8"],
+            source_ranges=["192.168.0.0/24", " 203.0.113.0/25"],
+        ),
+        endpoint_slice("ns1", "svc1", ["10.180.0.1"]),
+    ]
+    ep = "10.180.0.1:80"
+    run_flows(
+        objects,
+        [
+            ("10.0.0.2", "tcp", "172.30.0.41", 80, ep, False),
+            (EXTERNAL_CLIENT, "tcp", NODE_IP, 3001, ep, True),
+            (EXTERNAL_CLIENT_BLOCKED, "tcp", NODE_IP, 3001, ep, True),  # NodePort bypasses
+            (EXTERNAL_CLIENT, "tcp", "1.2.3.4", 80, ep, True),
+            (EXTERNAL_CLIENT, "tcp", "5.6.7.8", 80, ep, True),
+            (EXTERNAL_CLIENT_BLOCKED, "tcp", "1.2.3.4", 80, "DROP", False),
+            (EXTERNAL_CLIENT_BLOCKED, "tcp", "5.6.7.8", 80, "DROP", False),
+            ("10.0.0.2", "tcp", "1.2.3.4", 80, "DROP", False),
+            ("10.0.0.2", "tcp", "5.6.7.8", 80, "DROP", False),
+            (NODE_IP, "tcp", "1.2.3.4", 80, ep, True),
+            (NODE_IP, "tcp", "5.6.7.8", 80, ep, True),
+            ("1.2.3.4", "tcp", "1.2.3.4", 80, ep, True),  # SNATted to the LB IP: allowed
+            ("5.6.7.8", "tcp", "5.6.7.8", 80, ep, True),
+        ],
+    )
+
+
+def _policy_service(etp: str) -> list[dict[str, Any]]:
+    return [
+        service(
+            "ns1",
+            "svc1",
+            "172.30.0.41",
+            [port("p80", 80, node_port=3001, target_port=80)],
+            type="LoadBalancer",
+            etp=etp,
+            external_ips=["192.168.99.11"],
+            lb_ingress=["1.2.3.4"],
+            hcnp=30000 if etp == "Local" else None,
+        ),
+        endpoint_slice("ns1", "svc1", [endpoint("10.180.0.1"), endpoint("10.180.2.1", TEST_NODE)]),
+    ]
+
+
+def test_external_traffic_policy_local() -> None:
+    both, local = "10.180.0.1:80, 10.180.2.1:80", "10.180.2.1:80"
+    pod = "10.0.0.2"
+    run_flows(
+        _policy_service("Local"),
+        [
+            (pod, "tcp", "172.30.0.41", 80, both, False),
+            (pod, "tcp", "192.168.99.11", 80, both, False),
+            (EXTERNAL_CLIENT, "tcp", "192.168.99.11", 80, local, False),
+            (pod, "tcp", "1.2.3.4", 80, both, False),
+            (EXTERNAL_CLIENT, "tcp", "1.2.3.4", 80, local, False),
+            (pod, "tcp", NODE_IP, 3001, both, False),
+            (EXTERNAL_CLIENT, "tcp", NODE_IP, 3001, local, False),
+        ],
+    )
+
+
+def test_external_traffic_policy_cluster() -> None:
+    both = "10.180.0.1:80, 10.180.2.1:80"
+    pod = "10.0.0.2"
+    run_flows(
+        _policy_service("Cluster"),
+        [
+            (pod, "tcp", "172.30.0.41", 80, both, False),
+            (pod, "tcp", "192.168.99.11", 80, both, True),
+            (EXTERNAL_CLIENT, "tcp", "192.168.99.11", 80, both, True),
+            (pod, "tcp", "1.2.3.4", 80, both, True),
+            (EXTERNAL_CLIENT, "tcp", "1.2.3.4", 80, both, True),
+            (pod, "tcp", NODE_IP, 3001, both, True),
+            (EXTERNAL_CLIENT, "tcp", NODE_IP, 3001, both, True),
+        ],
+    )
