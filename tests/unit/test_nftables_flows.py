@@ -200,3 +200,54 @@ def test_external_traffic_policy_cluster() -> None:
             (EXTERNAL_CLIENT, "tcp", NODE_IP, 3001, both, True),
         ],
     )
+
+
+@pytest.mark.parametrize(
+    ("family", "nodeport_addresses", "allow_alt_node_ip"),
+    [
+        ("IPv4", "192.168.0.2/32,2001:db8::1/128", False),
+        ("IPv4", "192.168.0.0/24,192.168.1.0/24,2001:db8::/64", True),
+        ("IPv6", "192.168.0.2/32,2001:db8::1/128", False),
+        ("IPv6", "192.168.0.0/24,192.168.1.0/24,2001:db8::/64,2001:db8:1::2/128", True),
+    ],
+)
+def test_node_ports(family: str, nodeport_addresses: str, allow_alt_node_ip: bool) -> None:
+    """Upstream's TestNodePorts (the fake proxier's default --nodeport-addresses, then a
+    list that also admits the secondary node IP)."""
+    v4 = family == "IPv4"
+    svc_ip = "172.30.0.41" if v4 else "fd00:172:30::41"
+    ep1, ep2 = ("10.180.0.1", "10.180.2.1") if v4 else ("fd00:10:180::1", "fd00:10:180::2:1")
+    node_ip, alt_ip = ("192.168.0.2", "192.168.1.2") if v4 else ("2001:db8::1", "2001:db8:1::2")
+    pod, client = ("10.0.0.2", EXTERNAL_CLIENT) if v4 else ("fd00:10::2", "2600:5200::1")
+    objects = [
+        {**SERVICE_CIDR, "spec": {"cidrs": ["172.30.0.0/16", "fd00:10:96::/112"]}},
+        service("ns1", "svc1", svc_ip, [port("p80", 80, node_port=3001)], type="NodePort"),
+        endpoint_slice(
+            "ns1",
+            "svc1",
+            [endpoint(ep1), endpoint(ep2, TEST_NODE)],
+            address_type=family,
+        ),
+    ]
+    args = [
+        "--proxy-mode", "nftables", "--hostname-override", TEST_NODE,
+        "--node-ip", "192.168.0.2", "--node-ip", "192.168.1.2",
+        "--node-ip", "2001:db8::1", "--node-ip", "2001:db8:1::2",
+        "--cluster-cidr", "10.0.0.0/8,fd00:10::/64",
+        "--nodeport-addresses", nodeport_addresses,
+    ]  # fmt: skip
+    dump = sections(render(objects, args))[family]
+
+    def fmt(ip: str) -> str:
+        return f"{ip}:80" if v4 else f"[{ip}]:80"
+
+    both = f"{fmt(ep1)}, {fmt(ep2)}"
+    flows: list[tuple[str, str, int, str, bool]] = [
+        (pod, svc_ip, 80, both, False),
+        (client, node_ip, 3001, both, True),
+        (node_ip, node_ip, 3001, both, True),
+        (client, alt_ip, 3001, both if allow_alt_node_ip else "", allow_alt_node_ip),
+    ]
+    for src, dst, dport, want, want_masq in flows:
+        _, output, masq = trace_packet(dump, src, "tcp", dst, dport, node_ips=frozenset(LOCAL_IPS))
+        assert (output, masq) == (want, want_masq), (src, dst, dport)
