@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from pyproxy.errors import KernelError, NftError
 
@@ -30,6 +30,9 @@ class TableNames:
     exists: bool
     chains: frozenset[str] = frozenset()
     sets: frozenset[str] = frozenset()
+    #: Each set's element timeout in seconds (None without one): an affinity set whose
+    #: timeout is already right is kept, with the client addresses it holds.
+    set_timeouts: Mapping[str, int | None] = field(default_factory=dict)
 
 
 class Nft:
@@ -65,7 +68,7 @@ class Nft:
         """`nft --check -f -`: would the kernel accept it (nothing is applied)."""
         return self._run(["--check", "-f", "-"], transaction).returncode == 0
 
-    def _names(self, what: str) -> list[str] | None:
+    def _objects(self, what: str) -> list[dict[str, object]]:
         cp = self._run(["-j", "-t", "list", what, self.family])
         if cp.returncode != 0:
             raise KernelError(f"nft list {what} {self.family} failed: {cp.stderr.strip()}")
@@ -78,7 +81,7 @@ class Nft:
         for item in doc.get("nftables", ()):
             obj = item.get(kind) if isinstance(item, dict) else None
             if isinstance(obj, dict) and obj.get("table") == self.table:
-                out.append(str(obj.get("name")))
+                out.append(obj)
         return out
 
     def names(self) -> TableNames:
@@ -88,9 +91,12 @@ class Nft:
             raise KernelError(f"nft list tables failed: {cp.stderr.strip()}")
         if f'"name": "{self.table}"' not in cp.stdout:
             return TableNames(exists=False)
-        chains = self._names("chains") or []
-        sets = self._names("sets") or []
-        return TableNames(True, frozenset(chains), frozenset(sets))
+        chains = [str(c.get("name")) for c in self._objects("chains")]
+        sets = self._objects("sets")
+        timeouts = {
+            str(s.get("name")): t if isinstance(t := s.get("timeout"), int) else None for s in sets
+        }
+        return TableNames(True, frozenset(chains), frozenset(timeouts), timeouts)
 
     def chain_has_rule(self, chain: str, text: str) -> bool:
         """Does `chain` exist with a rule containing `text` (False if the table or chain is

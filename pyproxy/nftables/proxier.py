@@ -253,10 +253,9 @@ class NftablesProxier:
         for sname in sorted(kernel_affinity - affinity.keys()):
             out.append(f"delete set {fam} {TABLE} {sname}")
         for sname, aset in affinity.items():
-            old = self._affinity_sets.get(sname)
-            if sname in kernel_affinity and old != aset:
-                # Unknown or different definition (timeout): an add would silently keep the
-                # old one, so re-create it (its users were flushed above).
+            if sname in kernel_affinity and kernel.set_timeouts.get(sname) != aset.timeout:
+                # A different timeout: an add would silently keep the old one, so re-create
+                # it (its users were flushed above). A right one keeps its clients.
                 out.append(f"delete set {fam} {TABLE} {sname}")
             out.append(aset.add(fam))
 

@@ -239,7 +239,20 @@ def test_second_run_is_idempotent_and_a_removed_service_leaves_nothing(
     logs = program(c, tmp_path, two, nodes=("a",))
     assert canonical_table(c, "a") == first
     assert '"stale_chains":0' in logs[0], logs[0]
+    # A restart keeps the affinity sets (and the clients they remember) when unchanged.
     assert name(tcp_ask(c.pod("a3"), "10.96.0.11", 80)) == "a2"
+    assert "10.244.1.13" in table(c, "a")
+    program(c, tmp_path, two, nodes=("a",))
+    assert "10.244.1.13" in table(c, "a")
+    # A new timeout re-creates the set (an `add set` alone would keep the old one).
+    assert "timeout 3h" in table(c, "a")
+    shorter = two.replace(
+        "sessionAffinity: ClientIP\n",
+        "sessionAffinity: ClientIP\n    sessionAffinityConfig: {clientIP: {timeoutSeconds: 300}}\n",
+    )
+    assert shorter != two
+    program(c, tmp_path, shorter, nodes=("a",))
+    assert "timeout 5m" in table(c, "a") and "timeout 3h" not in table(c, "a")
 
     one = state(svc("web", "10.96.0.10", HTTP), eps("web", [(A1, "node-a")]))
     program(c, tmp_path, one, nodes=("a",))
