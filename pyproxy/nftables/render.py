@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from pyproxy.model import IPFamily, IPNetwork
@@ -411,22 +411,22 @@ def render_base(config: ProxierConfig, service_cidrs: Sequence[IPNetwork] = ()) 
 
 
 def _service_to_endpoint_rules(
-    info_ipx: str,
+    ipx: str,
     affinity: bool,
-    spn: ServicePortName,
     endpoints: Sequence[EndpointInfo],
+    bases: Mapping[str, str],
 ) -> list[str]:
-    """Upstream's writeServiceToEndpointRules: affinity lookups, then the numgen vmap."""
+    """Upstream's writeServiceToEndpointRules: affinity lookups, then the numgen vmap.
+    `bases` maps each endpoint (`ip:port`) to its chain name base."""
     out = []
     if affinity:
         for ep in endpoints:
-            base = endpoint_chain_name_base(spn, ep.endpoint)
+            base = bases[ep.endpoint]
             out.append(
-                f"{info_ipx} saddr @{AFFINITY_SET_PREFIX}{base} goto {ENDPOINT_CHAIN_PREFIX}{base}"
+                f"{ipx} saddr @{AFFINITY_SET_PREFIX}{base} goto {ENDPOINT_CHAIN_PREFIX}{base}"
             )
     elements = " , ".join(
-        f"{i} : goto {ENDPOINT_CHAIN_PREFIX}{endpoint_chain_name_base(spn, ep.endpoint)}"
-        for i, ep in enumerate(endpoints)
+        f"{i} : goto {ENDPOINT_CHAIN_PREFIX}{bases[ep.endpoint]}" for i, ep in enumerate(endpoints)
     )
     out.append(f"numgen random mod {len(endpoints)} vmap {{ {elements} }}")
     return out
@@ -594,11 +594,11 @@ def render_service_port(state: ServicePortState, config: ProxierConfig) -> Servi
 
     if uses_cluster_policy_chain:
         chain_rules[cluster_policy_chain].extend(
-            _service_to_endpoint_rules(ipx, affinity, spn, cat.cluster)
+            _service_to_endpoint_rules(ipx, affinity, cat.cluster, ep_bases)
         )
     if uses_local_policy_chain:
         chain_rules[local_policy_chain].extend(
-            _service_to_endpoint_rules(ipx, affinity, spn, cat.local)
+            _service_to_endpoint_rules(ipx, affinity, cat.local, ep_bases)
         )
 
     for ep in cat.all_reachable:
