@@ -85,18 +85,16 @@ class Nft:
         return out
 
     def names(self) -> TableNames:
-        """The chains and sets of our table (empty and `exists=False` without the table)."""
-        cp = self._run(["-j", "-t", "list", "tables", self.family])
-        if cp.returncode != 0:
-            raise KernelError(f"nft list tables failed: {cp.stderr.strip()}")
-        if f'"name": "{self.table}"' not in cp.stdout:
-            return TableNames(exists=False)
+        """The chains and sets of our table (`exists=False` when it has neither, e.g. no
+        table). Not `list tables`: nft builds its full cache for that (1.4 s at 3,000
+        Services), while chain and set names cost 0.2 s."""
         chains = [str(c.get("name")) for c in self._objects("chains")]
         sets = self._objects("sets")
         timeouts = {
             str(s.get("name")): t if isinstance(t := s.get("timeout"), int) else None for s in sets
         }
-        return TableNames(True, frozenset(chains), frozenset(timeouts), timeouts)
+        exists = bool(chains or timeouts)
+        return TableNames(exists, frozenset(chains), frozenset(timeouts), timeouts)
 
     def chain_has_rule(self, chain: str, text: str) -> bool:
         """Does `chain` exist with a rule containing `text` (False if the table or chain is
