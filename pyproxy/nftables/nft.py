@@ -98,8 +98,9 @@ class Nft:
 
     def chain_has_rule(self, chain: str, text: str) -> bool:
         """Does `chain` exist with a rule containing `text` (False if the table or chain is
-        gone)."""
-        cp = self._run(["list", "chain", self.family, self.table, chain])
+        gone). Terse: nft still builds its chain cache (0.3 s at 3,000 Services), but skips
+        set elements."""
+        cp = self._run(["-t", "list", "chain", self.family, self.table, chain])
         return cp.returncode == 0 and text in cp.stdout
 
     def list_table(self) -> str:
