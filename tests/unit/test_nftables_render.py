@@ -387,3 +387,17 @@ def test_agent_mode_refuses_nftables_instead_of_falling_back() -> None:
     from pyproxy.cli import main
 
     assert main(["--proxy-mode", "nftables", "--hostname-override", "n"]) == 2
+
+
+def test_service_cidr_objects_are_validated() -> None:
+    """convert: a ServiceCIDR with a bad CIDR is an invalid object (skipped, named), the
+    others are kept; nothing else about the state changes."""
+    from pyproxy.convert import state_from_objects
+
+    bad = {**SERVICE_CIDR, "metadata": {"name": "bad"}, "spec": {"cidrs": ["10.96.0.0/99"]}}
+    cluster, problems = state_from_objects([SERVICE_CIDR, bad, service("ns1", "s", "172.30.0.9")])
+    assert [(p.kind, p.name, p.field) for p in problems] == [
+        ("ServiceCIDR", "bad", "spec.cidrs[0]")
+    ]
+    assert [str(c) for c in cluster.all_service_cidrs()] == ["172.30.0.0/16"]
+    assert len(cluster.services) == 1
