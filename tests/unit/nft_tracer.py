@@ -3,10 +3,12 @@
 Same semantics as upstream's test helper, so upstream's packetFlowTest tables can be run
 against pyproxy's `--dry-run --proxy-mode nftables` output unchanged: rules are not parsed as
 nft grammar, only the pieces kube-proxy writes are recognized (anything else fails the test);
-`ct state new` and comments are ignored; `jump mark-for-masquerade` sets the masquerade flag;
-`numgen random` follows *every* endpoint; the first DNAT rewrites the destination before the
-filter chains run. Order: filter-prerouting-pre-dnat, nat-prerouting, filter-forward,
-filter-input (output-path chains are redundant with these, as upstream notes).
+`ct state new` and comments are ignored (and, beyond upstream, affinity lookups miss and
+affinity updates do nothing: the packet is a new connection); `jump mark-for-masquerade`
+sets the masquerade flag; `numgen random` follows *every* endpoint; the first DNAT rewrites
+the destination before the filter chains run. Order: filter-prerouting-pre-dnat,
+nat-prerouting, filter-forward, filter-input (output-path chains are redundant with these, as
+upstream notes).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ _DEST_PORT_DISPATCH = re.compile(r"^meta l4proto \. th dport vmap @(\S+)$")
 _SOURCE_ADDR = re.compile(r"^ip6* saddr (!= )?(\S+)")
 _SOURCE_ADDR_LOOKUP = re.compile(r"^ip6* saddr (!= )?\{([^}]*)\}")
 _SOURCE_ADDR_LOCAL = re.compile(r"^fib saddr type local")
+# Additions to upstream's tracer (its flow tables have no affinity): a new connection's
+# source is in no affinity set yet, and recording it changes nothing for this packet.
+_AFFINITY_LOOKUP = re.compile(r"^ip6* saddr @(\S+)")
+_AFFINITY_UPDATE = re.compile(r"^update @\S+ \{ ip6* saddr \}")
 _ENDPOINT_VMAP = re.compile(r"^numgen random mod \d+ vmap \{(.*)\}$")
 _ENDPOINT_VMAP_ENTRY = re.compile(r"\d+ : goto (\S+)")
 _MASQUERADE = re.compile(r"^jump mark-for-masquerade$")
@@ -128,6 +134,10 @@ class Tracer:
                     rule = rule[m.end() :]
                     if proto != m.group(1) or dport != m.group(2):
                         rule = ""
+                elif m := _AFFINITY_LOOKUP.match(rule):
+                    rule = ""
+                elif m := _AFFINITY_UPDATE.match(rule):
+                    rule = rule[m.end() :]
                 elif m := _SOURCE_ADDR_LOOKUP.match(rule):
                     rule = rule[m.end() :]
                     if not _address_matches_set(src, m.group(1) != "!= ", m.group(2)):

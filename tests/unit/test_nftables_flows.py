@@ -12,12 +12,25 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 from nft_tracer import TraceError, trace_packet
+from test_render import (  # iptables mode's independent oracle, shared on purpose
+    _in_ranges,
+    _oracle_cluster_ip,
+    _oracle_external_ip,
+    _oracle_lb_ip,
+    _oracle_node_port,
+)
+from unit_strategies import PortSpec, RandomState, random_states
 from unit_support import (
     EXTERNAL_CLIENT,
     EXTERNAL_CLIENT_BLOCKED,
+    EXTERNAL_CLIENT_IPV6,
     LOCAL_IPS,
     NODE_IP,
+    NODE_IPV6,
+    POD_IP,
+    POD_IPV6,
     TEST_NODE,
     endpoint,
     endpoint_slice,
@@ -251,3 +264,61 @@ def test_node_ports(family: str, nodeport_addresses: str, allow_alt_node_ip: boo
     for src, dst, dport, want, want_masq in flows:
         _, output, masq = trace_packet(dump, src, "tcp", dst, dport, node_ips=frozenset(LOCAL_IPS))
         assert (output, masq) == (want, want_masq), (src, dst, dport)
+
+
+# --- random states: the same independent oracle as iptables mode's (tests/unit/test_render.py)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_states())
+def test_random_states_flow_like_iptables_mode(state: RandomState) -> None:
+    """For random states, every address of every service port traces (upstream's tracer
+    semantics) to what the oracle iptables mode is checked against says: the same endpoints,
+    verdicts and masquerading. (Probes stay off nftables mode's documented differences:
+    NodePorts only on the primary node IP, no undefined ports or unallocated addresses.)"""
+    args = [a for a in state.args if not a.startswith("--iptables-localhost-nodeports")]
+    per_family = sections(render(state.objects, ["--proxy-mode", "nftables", *args]))
+    masquerade_all = "--masquerade-all" in args
+    local = frozenset(LOCAL_IPS)
+    for spec in state.ports:
+        if spec.family not in per_family:
+            continue
+        dump = per_family[spec.family]
+        pod, ext, node_ip = (
+            (POD_IPV6, EXTERNAL_CLIENT_IPV6, NODE_IPV6)
+            if spec.family == "IPv6"
+            else (POD_IP, EXTERNAL_CLIENT, NODE_IP)
+        )
+        proto = spec.protocol.lower()
+
+        def flow(
+            src: str, dst: str, dport: int, dump: str = dump, proto: str = proto
+        ) -> tuple[str, bool]:
+            _, output, masq = trace_packet(dump, src, proto, dst, dport, node_ips=local)
+            return output, masq
+
+        got = flow(pod, spec.cluster_ip, spec.port)
+        assert got == _oracle_cluster_ip(spec, masquerade_all), (spec, got)
+        if spec.node_port:
+            got = flow(ext, node_ip, spec.node_port)
+            assert got == _oracle_node_port(spec), (spec, got)
+        for ip in spec.external_ips:
+            got = flow(ext, ip, spec.port)
+            assert got == _oracle_external_ip(spec), (spec, got)
+        for ip, mode in spec.lb_ips:
+            for src in (ext, ip):
+                got = flow(src, ip, spec.port)
+                assert got == _nft_oracle_lb_ip(spec, mode, src, node_ip), (spec, src, got)
+
+
+def _nft_oracle_lb_ip(spec: PortSpec, mode: str | None, src: str, node_ip: str) -> tuple[str, bool]:
+    """iptables mode's oracle, plus nftables mode's one difference here: the firewall chain
+    exists whether or not there are endpoints, so a source outside loadBalancerSourceRanges
+    is dropped before a Service without endpoints would reject it."""
+    if mode != "Proxy" and spec.source_ranges:
+        allowed = _in_ranges(src, spec.source_ranges) or (
+            _in_ranges(node_ip, spec.source_ranges) and src in {ip for ip, _ in spec.lb_ips}
+        )
+        if not allowed:
+            return "DROP", False
+    return _oracle_lb_ip(spec, mode, src, node_ip)
