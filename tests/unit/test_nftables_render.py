@@ -22,8 +22,11 @@ from unit_support import (
     load_objects,
     port,
     render,
+    review_header,
     sections,
     service,
+    strip_review_header,
+    update_golden_requested,
 )
 
 from pyproxy.model import Protocol
@@ -401,3 +404,16 @@ def test_service_cidr_objects_are_validated() -> None:
     ]
     assert [str(c) for c in cluster.all_service_cidrs()] == ["172.30.0.0/16"]
     assert len(cluster.services) == 1
+
+
+def test_dual_stack_golden() -> None:
+    """A reviewed golden (tests/golden/nftables/dual-stack.nft, `## ` notes on top) of the
+    dry-run for the shared dual-stack state; UPDATE_GOLDEN=1 rewrites it and fails."""
+    state = GOLDEN_DIR / "dual-stack.yaml"
+    expected_path = NFT_GOLDEN / "dual-stack.nft"
+    out = render(load_objects(state), ["--proxy-mode", "nftables", *golden_args(state)])
+    header = review_header(expected_path.read_text())
+    if update_golden_requested():
+        expected_path.write_text(header + out)
+        pytest.fail(f"rewrote {expected_path}; review and commit it")
+    assert out == strip_review_header(expected_path.read_text())
