@@ -34,7 +34,6 @@ from pyproxy.nftables.render import (
     SERVICES,
     TABLE,
     TABLE_COMMENT,
-    BaseObjects,
     Chain,
     Element,
     NamedSet,
@@ -108,7 +107,6 @@ class NftablesProxier:
         self._owners: dict[_ElementKey, dict[NamespacedName, Element]] = {}
         self._elements: dict[_ElementKey, Element] = {}
         self._stale_chains: dict[str, float] = {}
-        self._base: BaseObjects | None = None
 
     # --- inputs besides the states ---------------------------------------------------------
 
@@ -271,7 +269,6 @@ class NftablesProxier:
         self.nft.run(text)
 
         self._recreated_base = True
-        self._base = base
         self._ports = rendered
         self._chains = chains
         self._affinity_sets = affinity
