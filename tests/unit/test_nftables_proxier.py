@@ -124,3 +124,52 @@ def test_removed_service_deletes_its_elements_and_flushes_its_chains() -> None:
     result = proxier.sync(desired_state(cluster, config), set())
     assert result.stale_chains_deleted == 3 and not proxier.stale_chains
     assert all(f"delete chain ip kube-proxy {c}" in nft.transactions[-1] for c in stale)
+
+
+def test_a_shared_element_key_survives_its_first_owner() -> None:
+    """Two Services claiming one externalIP:port: the first keeps the map element; when it
+    goes, the element is handed to the second (replaced, not deleted)."""
+
+    def svc(name: str, cluster_ip: str) -> list[dict[str, object]]:
+        return [
+            {
+                "kind": "Service",
+                "metadata": {"namespace": "t", "name": name},
+                "spec": {
+                    "clusterIP": cluster_ip,
+                    "externalIPs": ["198.51.100.1"],
+                    "ports": [{"name": "p", "port": 80, "protocol": "TCP"}],
+                },
+            },
+            {
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "namespace": "t",
+                    "name": f"{name}-1",
+                    "labels": {"kubernetes.io/service-name": name},
+                },
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [f"10.244.0.{cluster_ip[-1]}"]}],
+                "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+            },
+        ]
+
+    (config,) = proxier_configs(parse_options(ARGS), None, ())
+    nft = FakeNft()
+    proxier = NftablesProxier(config, nft)
+    cluster, _ = state_from_objects([*svc("a", "10.96.0.1"), *svc("b", "10.96.0.2")])
+    proxier.sync(desired_state(cluster, config), None)
+    full = nft.transactions[-1]
+    shared = [line for line in full.splitlines() if "198.51.100.1 . tcp . 80" in line]
+    assert len(shared) == 1 and "-t/a/tcp" in shared[0]  # no duplicate add (nft would refuse)
+
+    cluster, _ = state_from_objects(svc("b", "10.96.0.2"))
+    proxier.sync(desired_state(cluster, config), {NamespacedName("t", "a")})
+    text = nft.transactions[-1]
+    assert "delete element ip kube-proxy service-ips { 198.51.100.1 . tcp . 80 }" in text
+    readded = [
+        line
+        for line in text.splitlines()
+        if line.startswith("add element") and "198.51.100.1 . tcp . 80" in line
+    ]
+    assert len(readded) == 1 and "-t/b/tcp" in readded[0]
