@@ -662,12 +662,11 @@ def dump_lines(
         for s in p.affinity_sets:
             sets[s.name] = s
     maps = {m.name: m for m in base.maps}
-    elements: dict[str, list[Element]] = {}
-    for e in base.elements:
-        elements.setdefault(e.container, []).append(e)
-    for p in ports:
-        for e in p.elements:
-            elements.setdefault(e.container, []).append(e)
+    # Per container, in insertion order; a key two Services claim (say one external IP:port)
+    # goes to the first, as in the proxier: nft refuses a second verdict for a map key.
+    elements: dict[str, dict[str, Element]] = {}
+    for e in (*base.elements, *(e for p in ports for e in p.elements)):
+        elements.setdefault(e.container, {}).setdefault(e.key_text, e)
 
     yield f"add table {fam} {TABLE} {{ comment {_quote(TABLE_COMMENT)} ; }}"
     chain_names = sorted(chains)
@@ -681,11 +680,9 @@ def dump_lines(
     for name in chain_names:
         yield from chains[name].rule_lines(fam)
     for name in sorted(sets):
-        for e in elements.get(name, ()):
-            yield e.add(fam)
+        yield from (e.add(fam) for e in elements.get(name, {}).values())
     for name in sorted(maps):
-        for e in elements.get(name, ()):
-            yield e.add(fam)
+        yield from (e.add(fam) for e in elements.get(name, {}).values())
 
 
 def render_ruleset(

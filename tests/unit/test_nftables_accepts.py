@@ -58,3 +58,25 @@ def test_random_states_are_accepted(ns: str, state: RandomState) -> None:
     output = render([SERVICE_CIDRS, *state.objects], ["--proxy-mode", "nftables", *args])
     for text in sections(output).values():
         assert_accepted(ns, text)
+
+
+def test_a_key_claimed_twice_is_written_once(ns: str) -> None:
+    """Two Services on one external IP:port: the dry-run keeps the first verdict only (nft
+    refuses a second verdict for a map key, which would reject the whole table)."""
+    objects = [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"namespace": "t", "name": name},
+            "spec": {
+                "clusterIP": ip,
+                "externalIPs": ["198.51.100.1"],
+                "ports": [{"name": "p", "port": 80, "protocol": "TCP"}],
+            },
+        }
+        for name, ip in (("a", "10.96.0.1"), ("b", "10.96.0.2"))
+    ]
+    args = ["--proxy-mode", "nftables", "--hostname-override", "n", "--node-ip", "192.168.0.2"]
+    text = sections(render(objects, args))["IPv4"]
+    assert text.count("{ 198.51.100.1 . tcp . 80 ") == 1
+    assert_accepted(ns, text)
