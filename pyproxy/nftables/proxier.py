@@ -45,7 +45,7 @@ from pyproxy.nftables.render import (
     render_base,
     render_service_port,
 )
-from pyproxy.proxystate import ProxierConfig, ServicePortState
+from pyproxy.proxystate import LazyStates, ProxierConfig, ServicePortState
 
 #: Upstream's proxyutil.FullSyncPeriod: even without failures, write everything hourly.
 FULL_SYNC_PERIOD = 3600.0
@@ -125,7 +125,7 @@ class NftablesProxier:
 
     def sync(
         self,
-        states: ServiceStates,
+        states: ServiceStates | LazyStates,
         changed: Collection[NamespacedName] | None = None,
         *,
         full: bool = False,
@@ -182,16 +182,17 @@ class NftablesProxier:
     # --- full sync -------------------------------------------------------------------------
 
     def _render_all(
-        self, states: ServiceStates
+        self, states: ServiceStates | LazyStates
     ) -> dict[NamespacedName, tuple[ServicePortObjects, ...]]:
         rendered = {}
-        for name in sorted(states, key=lambda n: (n.namespace, n.name)):
-            ports = sorted(states[name], key=port_order)
+        names = states.names() if isinstance(states, LazyStates) else states.keys()
+        for name in sorted(names, key=lambda n: (n.namespace, n.name)):
+            ports = sorted(_ports_of(states, name), key=port_order)
             if ports:
                 rendered[name] = tuple(render_service_port(p, self.config) for p in ports)
         return rendered
 
-    def _full_sync(self, states: ServiceStates, now: float) -> SyncResult:
+    def _full_sync(self, states: ServiceStates | LazyStates, now: float) -> SyncResult:
         fam = self.fam
         kernel = self.nft.names()
         base = render_base(self.config, self._service_cidrs)
@@ -291,7 +292,7 @@ class NftablesProxier:
     # --- partial sync ----------------------------------------------------------------------
 
     def _partial_sync(
-        self, states: ServiceStates, changed: Collection[NamespacedName] | None
+        self, states: ServiceStates | LazyStates, changed: Collection[NamespacedName] | None
     ) -> SyncResult:
         fam = self.fam
         now = self._clock()
@@ -303,7 +304,7 @@ class NftablesProxier:
         services_written = 0
 
         for name in sorted(changed or (), key=lambda n: (n.namespace, n.name)):
-            ports = sorted(states.get(name, ()), key=port_order)
+            ports = sorted(_ports_of(states, name), key=port_order)
             new = tuple(render_service_port(p, self.config) for p in ports)
             old = self._ports.pop(name, ())
             if new:
@@ -439,6 +440,13 @@ class NftablesProxier:
     def written_ports(self) -> Iterable[ServicePortObjects]:
         """Every service port's objects as last written (for a full render to compare)."""
         return (p for ports in self._ports.values() for p in ports)
+
+
+def _ports_of(
+    states: ServiceStates | LazyStates, name: NamespacedName
+) -> tuple[ServicePortState, ...]:
+    """One Service's ports from a plain mapping or a LazyStates (computed on first use)."""
+    return states.get(name) if isinstance(states, LazyStates) else states.get(name, ())
 
 
 def _with_deleted(result: SyncResult, deleted: int) -> SyncResult:

@@ -173,3 +173,16 @@ def test_a_shared_element_key_survives_its_first_owner() -> None:
         if line.startswith("add element") and "198.51.100.1 . tcp . 80" in line
     ]
     assert len(readded) == 1 and "-t/b/tcp" in readded[0]
+
+
+def test_lazy_states_give_the_same_transactions() -> None:
+    """The Proxier contract: a LazyStates (states computed on first use) or a plain mapping."""
+    from pyproxy.proxystate import LazyStates, slices_by_service
+
+    (config,) = proxier_configs(parse_options(ARGS), None, ())
+    cluster, _ = state_from_objects(objects(7, endpoint_of_first="10.250.0.1"))
+    plain, lazy = FakeNft(), FakeNft()
+    NftablesProxier(config, plain).sync(desired_state(cluster, config), None)
+    slices = slices_by_service(cluster.endpoint_slices.values())
+    NftablesProxier(config, lazy).sync(LazyStates(cluster.services, slices, config, {}), None)
+    assert plain.transactions == lazy.transactions
