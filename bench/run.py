@@ -413,9 +413,7 @@ def machine_meta() -> dict[str, Any]:
         f"Python {platform.python_version()}",
         "kernel": f"Linux {platform.release()} {platform.version()}",
         "iptables_version": "; ".join(
-            v
-            for v in (_first_line([f"iptables-{b}", "--version"]) for b in ("legacy", "nft"))
-            if v
+            v for v in (_first_line([f"iptables-{b}", "--version"]) for b in ("legacy", "nft")) if v
         ),
         "nft_version": _first_line(["nft", "--version"]),
     }

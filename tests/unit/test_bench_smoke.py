@@ -87,9 +87,7 @@ def test_results_document_has_the_schema_with_cells_spread_and_timeouts() -> Non
     bad = {**doc, "runs": [{**py, "cpu_s": "fast"}]}
     assert "run 0: cpu_s = 'fast' is not a number or null" in bm.validate(bad)
     outside = {**doc, "runs": [{**py, "cold_start_s": 9.0}]}
-    assert bm.validate(outside) == [
-        "run 0: spread of cold_start_s [1.5, 2.5] does not hold 9.0"
-    ]
+    assert bm.validate(outside) == ["run 0: spread of cold_start_s [1.5, 2.5] does not hold 9.0"]
     table = bm.markdown_table(doc["runs"])
     assert table.count("\n") == 4
     assert "| pyproxy | legacy | ipv4 | 1,000 | 1 s | 3 | 1.700 s (1.500-2.500) |" in table
