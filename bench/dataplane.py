@@ -255,7 +255,7 @@ def one_proxy(
     return record, {"log": str(log), "cold_start_s": round(seen - started, 3), **m}
 
 
-def write(out: Path, stamp: str, entries: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+def write(out: Path, entries: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     """Replace the dataplane section of latest.json (creating it if needed), keep its runs."""
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                                     }
                                 )
                                 entries = dataplane_cells(records)
-                                write(args.out, stamp, entries, meta)
+                                write(args.out, entries, meta)
                                 (args.out / f"{stamp}-dataplane.json").write_text(
                                     json.dumps({"meta": meta, "runs": details}) + "\n"
                                 )

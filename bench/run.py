@@ -445,8 +445,8 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str = "") -> bool:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     series: dict[tuple[str, str, str, float], list[dict[str, Any]]] = {}
     for r in runs:
-        key = (r["proxy"], r["backend"], r["families"], r["min_sync_period_s"])
-        series.setdefault(key, []).append(r)
+        cell = (r["proxy"], r["backend"], r["families"], r["min_sync_period_s"])
+        series.setdefault(cell, []).append(r)
     for ax, (key, heading) in zip(axes, figures, strict=True):
         for (proxy, backend, families, min_sync), rs in sorted(series.items()):
             points = sorted(
