@@ -52,6 +52,7 @@ from bench.model import (
     NODE_NAME,
     PORT,
     TARGET_PORT,
+    TOP_KEYS,
     dataplane_cells,
     dataplane_record,
     node_body,
@@ -256,17 +257,18 @@ def one_proxy(
 
 
 def write(out: Path, entries: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """Replace the dataplane section of latest.json (creating it if needed), keep its runs."""
+    """Replace the dataplane section of latest.json (creating it if needed); its `runs` stay
+    only if they were taken from the same pyproxy commit with the same label."""
     out.mkdir(parents=True, exist_ok=True)
     try:
         doc = json.loads((out / "latest.json").read_text())
     except (OSError, ValueError):
         doc = {}
-    merged = {key: doc.get(key, meta.get(key)) for key in meta} | {
-        "runs": doc.get("runs", []),
+    same = all(doc.get(k) == meta[k] for k in ("label", "pyproxy_commit"))
+    merged = {key: meta.get(key) for key in TOP_KEYS} | {
+        "runs": doc.get("runs", []) if same else [],
         "dataplane": entries,
     }
-    merged = {key: merged.get(key) for key in (*meta, "runs", "dataplane")}
     problems = validate(merged)
     if problems:
         raise BenchError(f"results do not follow the schema: {problems}")

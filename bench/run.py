@@ -419,12 +419,16 @@ def machine_meta() -> dict[str, Any]:
     }
 
 
-def previous_dataplane(out: Path) -> list[dict[str, Any]]:
-    """The data-plane section of the latest.json already there (bench.dataplane's), kept."""
+def previous_dataplane(out: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The data-plane section of the latest.json already there (bench.dataplane's), kept if it
+    was taken from the same pyproxy commit with the same label."""
     try:
-        return list(json.loads((out / "latest.json").read_text()).get("dataplane") or [])
+        doc = json.loads((out / "latest.json").read_text())
     except (OSError, ValueError):
         return []
+    if any(doc.get(k) != meta[k] for k in ("label", "pyproxy_commit")):
+        return []
+    return list(doc.get("dataplane") or [])
 
 
 def plot(runs: list[dict[str, Any]], path: Path, title: str = "") -> bool:
@@ -591,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         "kubernetes_version": version,
         "runs_per_cell": args.runs,
     }
-    dataplane = previous_dataplane(args.out)
+    dataplane = previous_dataplane(args.out, meta)
     runs: list[dict[str, Any]] = []
     details: dict[str, Any] = {
         "stamp": stamp,
