@@ -100,6 +100,7 @@ def wait_complete(
     settle: float,
     proxy: ProxyProcess,
     since: object = None,
+    timeline: list[tuple[float, object]] | None = None,
 ) -> float | None:
     """When the whole ruleset holding a change was in the kernel, or None after `timeout`.
 
@@ -113,7 +114,9 @@ def wait_complete(
 
     With the legacy variant, reading a chain copies the whole table out of the kernel under the
     xtables lock (0.3 s at N = 10,000): a read right after the change would hold up the proxy's
-    iptables-restore, so after a change nothing is read until some table has changed."""
+    iptables-restore, so after a change nothing is read until some table has changed.
+
+    `timeline`, if given, gets (time, token) of every change seen (for the details)."""
     deadline = time.monotonic() + timeout
     last: object = object() if since is None else since
     first_seen = time.monotonic()
@@ -122,6 +125,8 @@ def wait_complete(
         token = rules.token()
         if token != last:
             last, first_seen = token, seen
+            if timeline is not None:
+                timeline.append((seen, token))
             if check():
                 break
         proxy.check_alive()
@@ -134,6 +139,8 @@ def wait_complete(
         token = rules.token()
         if token != last:
             last, first_seen = token, seen
+            if timeline is not None:
+                timeline.append((seen, token))
         proxy.check_alive()
         time.sleep(interval)
     return first_seen
@@ -248,6 +255,7 @@ def one_run(
                     progress(f"  cold start: {count}/{n} Services in KUBE-SERVICES so far")
                 return count >= n
 
+            timeline: list[tuple[float, object]] = []
             seen = wait_complete(
                 rules,
                 complete,
@@ -255,7 +263,13 @@ def one_run(
                 interval=args.poll,
                 settle=args.settle,
                 proxy=p,
+                timeline=timeline,
             )
+            # When each table fingerprint changed, from the process start: shows which write
+            # stopped the clock.
+            details["cold_start_timeline"] = [
+                [round(at - t_start, 3), token] for at, token in timeline
+            ]
             if seen is None:
                 timeouts["cold_start"] += 1
                 cold = args.cold_timeout
