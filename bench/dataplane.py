@@ -2,7 +2,8 @@
 against kube-proxy, in the same node namespaces, with the floor beside it.
 
     sudo .venv/bin/python -m bench.dataplane [--sizes 1000,10000,30000] [--backends legacy,nft]
-        [--proxies kube-proxy,pyproxy] [--runs 3] [--connections 3000] [--out bench/results]
+        [--proxies kube-proxy,pyproxy] [--runs 3] [--connections 3000] [--nft-max 5000]
+        [--out bench/results]
 
 Why: the rules decide what every new connection pays (iptables walks nat KUBE-SERVICES rule by
 rule for the first packet of each connection), which is what users feel, not how fast the rules
@@ -49,6 +50,7 @@ from typing import Any
 from bench.model import (
     FAMILIES,
     NAMESPACES,
+    NEW_SERVICE_BASE,
     NODE_NAME,
     PORT,
     TARGET_PORT,
@@ -280,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,10000,30000")
     parser.add_argument("--backends", default="legacy,nft")
+    parser.add_argument(
+        "--nft-max",
+        type=int,
+        default=5000,
+        help="largest N for nft: iptables-nft-restore 1.8.9 needs minutes per full sync beyond",
+    )
     parser.add_argument("--proxies", default="kube-proxy,pyproxy")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--connections", type=int, default=3000, help="per run, both targets")
@@ -291,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="smoke run: not figures of record")
     args = parser.parse_args(argv)
     sizes = sorted(int(s) for s in args.sizes.split(","))
+    if sizes[-1] > NEW_SERVICE_BASE:
+        parser.error(f"at most {NEW_SERVICE_BASE} Services")
     backends = [b.strip() for b in args.backends.split(",")]
     proxies = [p.strip() for p in args.proxies.split(",")]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -358,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     have = n
                     for backend in backends:
+                        if backend == "nft" and n > args.nft_max:
+                            progress(f"nft N={n}: skipped (above --nft-max {args.nft_max})")
+                            continue
                         flush_rules(node.name)
                         bare = measure(connlat, client.name, None, servers, args.connections)
                         bare_p50 = us(percentile(bare["floor_us"], 50))

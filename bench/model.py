@@ -34,7 +34,9 @@ CLUSTER_CIDR6 = "fd00:244::/56"
 #: all the same, by both).
 FAMILIES = {"ipv4": ("ipv4",), "dual-stack": ("ipv4", "ipv6")}
 POD_BASE = int(ipaddress.IPv4Address("10.244.0.0"))
-POD_LIMIT = 65536  # addresses in 10.244.0.0/16
+#: 10.244.0.0 - 10.247.255.255: 30,000 Services x 5 endpoints do not fit in the cluster CIDR
+#: (a /16); endpoints beyond it are as good a DNAT target, and both proxies see the same ones.
+POD_LIMIT = 4 * 65536
 NAMESPACES = tuple(f"bench-{k}" for k in range(10))
 PORT_NAME = "http"
 PORT = 80
@@ -43,9 +45,9 @@ ENDPOINTS_PER_SERVICE = 5
 
 #: Index ranges reserved for Services the benchmark adds while a proxy runs ((c): new Services);
 #: the regular Services are 0 … N-1 with N ≤ this.
-NEW_SERVICE_BASE = 12000
+NEW_SERVICE_BASE = 40000
 #: Pod indexes used for the extra endpoint of (b), above every regular and new Service's pods.
-EXTRA_POD_BASE = 5 * 13000
+EXTRA_POD_BASE = 5 * 41000
 
 #: The figures of one run (and of a cell: their medians over its runs).
 FIGURES = (
@@ -177,7 +179,7 @@ def lb_status(spec: ServiceSpec) -> dict[str, Any]:
 
 def pod_ip(k: int) -> str:
     if not 0 <= k < POD_LIMIT:
-        raise ValueError(f"pod index {k} outside {CLUSTER_CIDR}")
+        raise ValueError(f"pod index {k} outside 10.244.0.0/14")
     return str(ipaddress.IPv4Address(POD_BASE + k))
 
 
@@ -443,7 +445,8 @@ def _cell(value: Any, unit: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        text = f"{value:.3f}" if value < 10 else f"{value:.1f}"
+        # Seconds to the millisecond below 10 s; microseconds to a tenth.
+        text = f"{value:.3f}" if value < 10 and unit != " µs" else f"{value:.1f}"
     else:
         text = f"{value:,}"
     return text + unit
@@ -455,7 +458,9 @@ def _with_spread(r: Mapping[str, Any], key: str, unit: str) -> str:
     bounds = r["spread"].get(key)
     if bounds is None or bounds[0] == bounds[1]:
         return text
-    return f"{text} ({_cell(bounds[0])}-{_cell(bounds[1])})"
+    inner = unit if unit == " µs" else ""  # same precision as the median, no unit repeated
+    low, high = (_cell(b, inner).removesuffix(inner) for b in bounds)
+    return f"{text} ({low}-{high})"
 
 
 def markdown_table(runs: Sequence[Mapping[str, Any]]) -> str:

@@ -495,7 +495,7 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str = "") -> bool:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
@@ -515,9 +515,12 @@ def write_results(out: Path, stamp: str, doc: dict[str, Any], details: dict[str,
     table = report(doc)
     (out / f"{stamp}.md").write_text(table)
     (out / "latest.md").write_text(table)
-    title = (
-        f"{doc['label']}: kube-proxy {doc['kubernetes_version']} vs pyproxy "
-        f"{doc['pyproxy_commit'] or '?'}, iptables mode; {doc['machine']}; {doc['kernel']}"
+    title = "\n".join(
+        [
+            doc["label"],
+            f"kube-proxy {doc['kubernetes_version']} vs pyproxy {doc['pyproxy_commit'] or '?'}, "
+            f"iptables mode; {doc['machine']}; {doc['kernel']}",
+        ]
     )
     if plot(doc["runs"], out / f"{stamp}.png", title):
         shutil.copyfile(out / f"{stamp}.png", out / "latest.png")
