@@ -7,12 +7,13 @@ Not a timed test: the benchmark itself runs by hand (bench/README.md).
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 import bench.model as bm
 from bench.node import metric_value, pyproxy_restore_bytes
-from bench.run import interleaved
+from bench.run import interleaved, wait_complete
 from pyproxy.iptables.render import service_chain
 from pyproxy.model import Protocol
 from pyproxy.serviceport import ServicePortName
@@ -193,3 +194,59 @@ def test_restore_bytes_from_pyproxy_log_and_metrics() -> None:
     text = 'pyproxy_sync_restore_bytes{ip_family="IPv4",kind="full"} 123.0\n'
     assert metric_value(text, "pyproxy_sync_restore_bytes", kind="full") == 123.0
     assert metric_value(text, "pyproxy_sync_restore_bytes", kind="partial") is None
+
+
+class _FakeRules:
+    """Fingerprints in a script, one per token() call (the last repeats), each call's time kept."""
+
+    def __init__(self, tokens: list[object]) -> None:
+        self.tokens = tokens
+        self.calls: list[float] = []
+
+    def token(self) -> object:
+        self.calls.append(time.monotonic())
+        return self.tokens[min(len(self.calls), len(self.tokens)) - 1]
+
+
+class _FakeProxy:
+    def check_alive(self) -> None:
+        pass
+
+
+def test_clock_stops_at_the_last_write_after_the_content_condition() -> None:
+    # before; nat written (content not yet right); nat right; filter written later; at rest.
+    rules = _FakeRules(["before", "before", "nat-1", "nat-2", "nat-2", "filter", "filter"])
+    checked: list[object] = []
+
+    def check() -> bool:
+        checked.append(rules.tokens[len(rules.calls) - 1])
+        return checked[-1] == "nat-2"
+
+    seen = wait_complete(
+        rules,  # type: ignore[arg-type]
+        check,
+        timeout=60,
+        interval=0,
+        settle=0.05,
+        proxy=_FakeProxy(),  # type: ignore[arg-type]
+        since="before",
+    )
+    # The check ran only when the fingerprint had changed, never for "before".
+    assert checked == ["nat-1", "nat-2"]
+    # The clock stopped when the filter write was first seen (its read, the 6th, was under way),
+    # not at the nat one.
+    assert seen is not None and rules.calls[4] < seen <= rules.calls[5]
+
+
+def test_clock_times_out_with_none() -> None:
+    rules = _FakeRules(["before"])
+    seen = wait_complete(
+        rules,  # type: ignore[arg-type]
+        lambda: True,
+        timeout=0.05,
+        interval=0.01,
+        settle=0,
+        proxy=_FakeProxy(),  # type: ignore[arg-type]
+        since="before",
+    )
+    assert seen is None
