@@ -9,12 +9,14 @@ and built here step by step:
    interface it came in on, to the LAN router, and sends the client an ICMP redirect ("use
    172.30.0.1 for that address"). The router answers net unreachable, or nothing once its ICMP
    rate limit (one per second per peer) holds the error back; then the client waits.
-2. The redirect for a connection's first SYN never arrives: node-a's NAT drops redirects for a
-   flow whose NAT is not complete yet, and the SYN is still between PREROUTING and POSTROUTING.
-   Nor is one taken while connect() holds the socket lock. The retransmitted SYN (1 s later, a
-   timer, same tuple) hits the confirmed, untranslated flow: its redirect gets through, and the
-   client caches the router as next hop for the LB IP for 5 minutes (`ip route show cache`:
-   `<redirected>`; `ip route show table all` does not list it).
+2. The redirect for a connection's first SYN is not taken: node-a's netfilter drops it (it
+   passes OUTPUT and never reaches POSTROUTING; NAT drops redirects for a flow whose NAT is not
+   complete, and that SYN is still between PREROUTING and POSTROUTING), and one that gets
+   through while connect() holds the socket lock is dropped by the client (TcpExtLockDroppedIcmps).
+   The retransmitted SYN (1 s later, sent by a timer, same tuple) belongs to a confirmed,
+   untranslated flow: its redirect gets through, and the client caches the router as next hop
+   for the LB IP for 5 minutes (`ip route show cache`: `<redirected>`; `ip route show table
+   all`, which the diagnosis printed, does not list it).
 3. From then on the client sends to the router directly. The rule on node-a is never reached.
 
 So the failure needed a probe that was still waiting when its SYN was retransmitted, i.e. a
