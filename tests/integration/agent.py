@@ -100,7 +100,7 @@ class Agent:
 
     def diagnose(self, probe: Callable[[], object] | None = None) -> str:
         """What a failed packet check needs explaining: the last probe's answers, the node's
-        rules and conntrack table, the client's route cache and ICMP counters."""
+        rules and conntrack table, the client's routes, route cache and ICMP counters."""
         parts = [] if probe is None else [f"probe now: {probe()!r}"]
         client = self.cluster.client
         for label, where, argv in (
@@ -108,6 +108,8 @@ class Agent:
             ("node-a filter", self.node, ["iptables-nft-save", "-t", "filter"]),
             ("node-a conntrack", self.node, ["conntrack", "-L"]),
             ("client routes", client, ["ip", "route", "show", "table", "all"]),
+            # Route exceptions (a taken ICMP redirect, a learnt MTU): not in the tables above.
+            ("client route cache", client, ["ip", "route", "show", "cache"]),
             ("client neighbours", client, ["ip", "neigh"]),
             ("client ICMP", client, ["nstat", "-az", "Icmp*"]),
         ):
