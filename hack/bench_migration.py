@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Failed requests while a node switches from kube-proxy to pyproxy and back (not a test).
+
+    sudo .venv/bin/python hack/bench_migration.py [--procedures cleanup,takeover]
+        [--steady 20] [--after 30] [--rate 20] [--out bench/results]
+
+For each procedure, in a fresh netlab cluster (node-a with pods a1, a2; node-b with b1; one
+outside client) against one real kube-apiserver: kube-proxy v1.34.4 (hack/build-control-plane.sh)
+runs in node-a, then pyproxy, then kube-proxy again, while the client opens `--rate` new TCP
+connections per second to a ClusterIP (routed to node-a) and to a NodePort of node-a. Failed
+connections (refused, unreachable, no answer within 5 s) are counted per phase and target:
+
+    kube-proxy  `--steady` s of kube-proxy alone
+    takeover    SIGTERM to kube-proxy, [pyproxy --cleanup,] pyproxy started, its first sync + 2 s
+    pyproxy     `--steady` s of pyproxy alone (an endpoint is added: it must answer)
+    rollback    SIGTERM to pyproxy, [pyproxy --cleanup,] kube-proxy started, its first sync + 2 s
+    after       `--after` s of kube-proxy alone (that endpoint is removed)
+
+"cleanup" is the procedure docs/deploy.md described before issue 16 (with a cleanup between the
+proxies), "takeover" the one it describes now (no cleanup). Writes <out>/migration.json (every
+count, the timeline of events) and <out>/migration.md (the table); prints the table. The
+machinery is tests/integration/migration.py, which tests/integration/test_migration.py uses
+with shorter phases to assert zero failures for "takeover".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HACK = Path(__file__).resolve().parent
+REPO = HACK.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+
+import kubernetes  # noqa: E402
+from controlplane import ControlPlane, api_client, find_bin_dir  # noqa: E402
+from migration import (  # noqa: E402
+    PROCEDURES,
+    Lab,
+    MigrationReport,
+    create_objects,
+    delete_node,
+    failure_kinds,
+    markdown,
+    migrate,
+)
+from netlab import Cluster  # noqa: E402
+
+T0 = time.monotonic()
+
+
+def progress(message: str) -> None:
+    print(f"[migration {time.monotonic() - T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def version(argv: list[str]) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return (proc.stdout or proc.stderr).strip().splitlines()[0] if proc.returncode == 0 else ""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--procedures", default=",".join(PROCEDURES))
+    parser.add_argument("--steady", type=float, default=20.0)
+    parser.add_argument("--after", type=float, default=30.0)
+    parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    procedures = [p for p in args.procedures.split(",") if p]
+    for p in procedures:
+        if p not in PROCEDURES:
+            parser.error(f"unknown procedure {p!r}; choose from {PROCEDURES}")
+
+    bin_dir = find_bin_dir()
+    reports: list[MigrationReport] = []
+    with tempfile.TemporaryDirectory(prefix="pyproxy-bench-migration-") as tmp:
+        workdir = Path(tmp)
+        cp = ControlPlane(workdir / "control-plane", bin_dir)
+        cp.start()
+        try:
+            with api_client(cp.kubeconfig_admin) as api:
+                for procedure in procedures:
+                    reports.append(
+                        run_one(cp, api, bin_dir, workdir, procedure=procedure, args=args)
+                    )
+        finally:
+            cp.stop()
+
+    table = markdown(reports)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "benchmark": "migration",
+        "command": "sudo .venv/bin/python hack/bench_migration.py "
+        + " ".join(
+            [
+                f"--procedures {args.procedures}",
+                f"--steady {args.steady:g}",
+                f"--after {args.after:g}",
+                f"--rate {args.rate:g}",
+            ]
+        ),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"kernel": platform.release(), "cpus": _cpus()},
+        "kube_proxy": version([str(bin_dir / "kube-proxy"), "--version"]),
+        "iptables": version(["iptables-nft", "--version"]),
+        "runs": [r.as_dict() for r in reports],
+    }
+    (args.out / "migration.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (args.out / "migration.md").write_text(
+        "# Failed requests per phase (failed / requests), kube-proxy ⇄ pyproxy on one node\n\n"
+        f"`{doc['command']}` — {doc['date']}, {doc['kube_proxy']}, {doc['iptables']}, "
+        f"{args.rate:g} new TCP connections/s per target.\n\n"
+        + table
+        + "\nFailure kinds: "
+        + "; ".join(f"{r.procedure}: {failure_kinds(r)}" for r in reports)
+        + "\n"
+    )
+    progress(f"wrote {args.out / 'migration.json'} and {args.out / 'migration.md'}")
+    return 0
+
+
+def run_one(
+    cp: ControlPlane,
+    api: kubernetes.client.ApiClient,
+    bin_dir: Path,
+    workdir: Path,
+    *,
+    procedure: str,
+    args: argparse.Namespace,
+) -> MigrationReport:
+    namespace = f"migration-{uuid.uuid4().hex[:8]}"
+    core = kubernetes.client.CoreV1Api(api)
+    core.create_namespace(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+    )
+    run_dir = workdir / procedure
+    run_dir.mkdir()
+    try:
+        with Cluster({"a": ("a1", "a2"), "b": ("b1",)}) as cluster:
+            lab = Lab(
+                cluster,
+                cp.server,
+                cp.kubeconfig_proxy,
+                bin_dir / "kube-proxy",
+                run_dir,
+                python=str(REPO / ".venv" / "bin" / "python"),
+            )
+            with lab.api_bridge():
+                create_objects(api, namespace)
+                try:
+                    report = migrate(
+                        lab,
+                        api,
+                        namespace,
+                        procedure,
+                        steady=args.steady,
+                        after=args.after,
+                        rate=args.rate,
+                        progress=progress,
+                    )
+                except BaseException:
+                    for log in sorted(run_dir.glob("*.log")):
+                        tail = log.read_text(errors="replace")[-2000:]
+                        print(f"--- {log.name}\n{tail}", file=sys.stderr)
+                    raise
+                finally:
+                    delete_node(api)
+    finally:
+        core.delete_collection_namespaced_service(namespace)
+        kubernetes.client.DiscoveryV1Api(api).delete_collection_namespaced_endpoint_slice(namespace)
+        core.delete_namespace(namespace)
+    progress(f"{procedure}:\n{markdown([report])}")
+    return report
+
+
+def _cpus() -> int:
+    return os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
