@@ -30,8 +30,9 @@
 # Every step checks before it acts, so running a direction twice, or after an
 # interruption, is safe; an object already gone is not an error.
 #
-# kube-proxy in ipvs or nftables mode: to-pyproxy refuses unless
-# ALLOW_MODE_CHANGE=1; see docs/deploy.md for the extra step those need.
+# kube-proxy in ipvs mode: to-pyproxy refuses unless ALLOW_MODE_CHANGE=1 (see
+# docs/deploy.md for the extra step). nftables mode: pyproxy deletes kube-proxy's
+# tables itself after its first sync on each node.
 #
 # Environment (all optional):
 #   KUBECTL            kubectl command (default: kubectl), e.g.
@@ -121,6 +122,9 @@ to_pyproxy() {
         mode="$(kube_proxy_mode)"
         case "${mode:-iptables}" in
             iptables) ;;
+            nftables)
+                say "kube-proxy runs in nftables mode: pyproxy deletes its tables (ip/ip6 kube-proxy) after its first sync on each node (docs/deploy.md)"
+                ;;
             *)
                 [[ "${ALLOW_MODE_CHANGE:-0}" == 1 ]] ||
                     die "kube-proxy runs in $mode mode: pyproxy's iptables rules take over, but $mode leftovers need the extra step in docs/deploy.md; set ALLOW_MODE_CHANGE=1 to go on"
@@ -157,9 +161,13 @@ to_pyproxy() {
 }
 
 to_kube_proxy() {
-    local kustomization="$1" selector
+    local kustomization="$1" selector mode
     exists daemonset "$KUBE_PROXY_DS" ||
         die "no DaemonSet $NAMESPACE/$KUBE_PROXY_DS to go back to; create it from $BACKUP_DIR/ (docs/deploy.md) and run this again. Nothing was changed."
+    mode="$(kube_proxy_mode)"
+    if [[ "${mode:-iptables}" != iptables ]]; then
+        say "note: kube-proxy will start in $mode mode; only a rollback to iptables mode is free of a gap (docs/deploy.md)"
+    fi
     if exists daemonset "$PYPROXY_DS"; then
         selector="$(selector_of "$PYPROXY_DS")"
         say "1. stopping pyproxy (its rules stay in the kernel and keep serving)"

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from pyproxy import log, sysctl
+from pyproxy import log, nftleftovers, sysctl
 from pyproxy.errors import ConfigError, KernelError, PyproxyError, StateFileError
 from pyproxy.iptables.kernelview import KernelView, cleanup_document
 from pyproxy.iptables.proxier import IptablesProxier
@@ -116,6 +116,7 @@ def sync_once(options: ProxyOptions, cluster: ClusterState) -> None:
     for config in map(prepare_kernel, _configs(options, cluster)):
         proxier = IptablesProxier(config, Iptables(config.family, backend))
         result = proxier.sync(desired_state(cluster, config))
+        nftleftovers.remove_after_sync(config.family)
         logger.info(
             "synced",
             ip_family=config.family.value,
@@ -176,6 +177,7 @@ def run_controller(options: ProxyOptions) -> int:
         source_factory=lambda c: KubeSource(options.kubeconfig, options.node_name, c),
         host_addresses=host_addresses,
         conntrack=ConntrackCleaner,
+        nftables_leftovers=nftleftovers.remove_after_sync,
     )
     logger.info(
         "starting",
