@@ -2,7 +2,7 @@
 """Failed requests while a node switches from kube-proxy to pyproxy and back (not a test).
 
     sudo .venv/bin/python hack/bench_migration.py [--procedures cleanup,takeover]
-        [--steady 20] [--after 30] [--rate 20] [--out bench/results]
+        [--steady 20] [--after 30] [--rate 20] [--out docs]
 
 For each procedure, in a fresh netlab cluster (node-a with pods a1, a2; node-b with b1; one
 outside client) against one real kube-apiserver: kube-proxy v1.34.4 (hack/build-control-plane.sh)
@@ -17,8 +17,10 @@ connections (refused, unreachable, no answer within 5 s) are counted per phase a
     after       `--after` s of kube-proxy alone (that endpoint is removed)
 
 "cleanup" is the procedure docs/deploy.md described before issue 16 (with a cleanup between the
-proxies), "takeover" the one it describes now (no cleanup). Writes <out>/migration.json (every
-count, the timeline of events) and <out>/migration.md (the table); prints the table. The
+proxies), "takeover" the one it describes now (no cleanup). Writes <out>/migration-results.json
+(every count, the timeline of events, the KUBE-* chains and rules after each proxy's first sync
+and their differences) and <out>/migration-results.md (the table); prints the table. The
+committed copies in docs/ are the figures of record (bench/results/ is not committed). The
 machinery is tests/integration/migration.py, which tests/integration/test_migration.py uses
 with shorter phases to assert zero failures for "takeover".
 """
@@ -73,7 +75,7 @@ def main() -> int:
     parser.add_argument("--steady", type=float, default=20.0)
     parser.add_argument("--after", type=float, default=30.0)
     parser.add_argument("--rate", type=float, default=20.0)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=REPO / "docs")
     args = parser.parse_args()
     procedures = [p for p in args.procedures.split(",") if p]
     for p in procedures:
@@ -115,8 +117,8 @@ def main() -> int:
         "iptables": version(["iptables-nft", "--version"]),
         "runs": [r.as_dict() for r in reports],
     }
-    (args.out / "migration.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (args.out / "migration.md").write_text(
+    (args.out / "migration-results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (args.out / "migration-results.md").write_text(
         "# Failed requests per phase (failed / requests), kube-proxy ⇄ pyproxy on one node\n\n"
         f"`{doc['command']}` — {doc['date']}, {doc['kube_proxy']}, {doc['iptables']}, "
         f"{args.rate:g} new TCP connections/s per target.\n\n"
@@ -124,9 +126,29 @@ def main() -> int:
         + "\nFailure kinds: "
         + "; ".join(f"{r.procedure}: {failure_kinds(r)}" for r in reports)
         + "\n"
+        + "".join(differences(r) for r in reports)
     )
     progress(f"wrote {args.out / 'migration.json'} and {args.out / 'migration.md'}")
     return 0
+
+
+def differences(report: MigrationReport) -> str:
+    """The KUBE-* chains and rules (both families, iptables-save lines) that differ between
+    kube-proxy's first sync and pyproxy's takeover, and between kube-proxy's two first syncs."""
+    out = []
+    for a, b in (("kube-proxy", "pyproxy"), ("kube-proxy", "kube-proxy again")):
+        if a not in report.snapshots or b not in report.snapshots:
+            continue
+        diff = report.snapshot_diff(a, b)
+        out.append(f"\n{report.procedure}: {a} vs {b}: ")
+        if not any(diff.values()):
+            out.append("identical\n")
+            continue
+        out.append("\n\n```\n")
+        for side, lines in diff.items():
+            out.extend(f"{side}: {line}\n" for line in lines)
+        out.append("```\n")
+    return "".join(out)
 
 
 def run_one(
