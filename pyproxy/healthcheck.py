@@ -271,7 +271,11 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host name with getfqdn(), a DNS lookup that can
-        # hang when DNS is down; nothing here needs it.
+        # hang when DNS is down; nothing here needs it. Its SO_REUSEADDR is kept: every probe
+        # leaves a TIME_WAIT socket on this port (an HTTP/1.0 server closes first), and without
+        # the option those keep the next proxy on the node (a restarted pyproxy, kube-proxy
+        # after a rollback) from binding the port for 60 s. An active listener still blocks.
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(self.server_address)
         self.server_address = self.socket.getsockname()
         self.server_name = str(self.server_address[0])

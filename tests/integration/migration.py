@@ -532,6 +532,9 @@ def migrate(
     def switch(old: Proc, new_proxy: str) -> Proc:
         stop(old)
         event(f"{old.label.split(':', 1)[0]} stopped (SIGTERM)")
+        listening = lab.node.run(["ss", "-ltnp"], check=False).stdout
+        if ":10249" in listening or ":10256" in listening:
+            event(f"still listening after the stop:\n{listening}")
         if procedure == "cleanup":
             lab.cleanup()
             event("pyproxy --cleanup done")

@@ -295,6 +295,28 @@ def test_healthz_bind_failure_raises(health: ProxyHealth) -> None:
         assert server.address is None
 
 
+def test_port_is_free_for_the_next_proxy_at_once(health: ProxyHealth) -> None:
+    """An HTTP/1.0 server closes each connection first, so every probe leaves a TIME_WAIT
+    socket on the server's port for 60 s. Unless the listener had SO_REUSEADDR (as Go's and
+    Python's socketserver's have), those sockets keep anyone from binding the port: kube-proxy
+    started right after pyproxy (a rollback, tests/integration/test_migration.py) ran without
+    metrics for a minute, and a restarted pyproxy without /healthz and /livez."""
+    server = HealthzServer(health, "127.0.0.1:0")
+    server.start()
+    assert server.address is not None
+    port = server.address[1]
+    for _ in range(3):
+        assert http_get(f"http://127.0.0.1:{port}/livez")[0] == 200
+    server.stop()
+    with socket.socket() as kube_proxy:  # Go's net.Listen sets SO_REUSEADDR
+        kube_proxy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        kube_proxy.bind(("127.0.0.1", port))
+        kube_proxy.listen()
+    again = HealthzServer(health, f"127.0.0.1:{port}")
+    again.start()
+    again.stop()
+
+
 # --- health-check node ports --------------------------------------------------------------------
 
 SVC = NamespacedName("default", "web")
