@@ -110,7 +110,7 @@ def migrate(
         "BACKUP_DIR": str(backup),
         "TIMEOUT": "120",
     }
-    return subprocess.run(
+    proc = subprocess.run(
         [str(SCRIPT), *args],
         capture_output=True,
         text=True,
@@ -118,6 +118,8 @@ def migrate(
         timeout=4 * KUBECTL_TIMEOUT,
         check=False,
     )
+    print(f"$ hack/migrate.sh {' '.join(args)}  # exit {proc.returncode}\n{proc.stderr}")
+    return proc
 
 
 def daemonset(control_plane: ControlPlane, name: str) -> dict[str, object] | None:
