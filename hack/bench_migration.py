@@ -128,15 +128,16 @@ def main() -> int:
         + "\n"
         + "".join(differences(r) for r in reports)
     )
-    progress(f"wrote {args.out / 'migration.json'} and {args.out / 'migration.md'}")
+    progress(f"wrote {args.out / 'migration-results.json'} and {args.out / 'migration-results.md'}")
     return 0
 
 
 def differences(report: MigrationReport) -> str:
     """The KUBE-* chains and rules (both families, iptables-save lines) that differ between
-    kube-proxy's first sync and pyproxy's takeover, and between kube-proxy's two first syncs."""
+    kube-proxy's first sync and pyproxy's takeover, and between kube-proxy's first sync and the
+    end of the rollback (same API objects)."""
     out = []
-    for a, b in (("kube-proxy", "pyproxy"), ("kube-proxy", "kube-proxy again")):
+    for a, b in (("kube-proxy", "pyproxy"), ("kube-proxy", "kube-proxy at the end")):
         if a not in report.snapshots or b not in report.snapshots:
             continue
         diff = report.snapshot_diff(a, b)

@@ -142,8 +142,9 @@ class MigrationReport:
     events: list[tuple[float, str]]
     #: Requests to a2 that started in the last `quiet` seconds of "after" (must be 0).
     a2_after_removal: int
-    #: KUBE-* chains and rules after each proxy's first sync ("kube-proxy", "pyproxy",
-    #: "kube-proxy again"): see Lab.snapshot.
+    #: KUBE-* chains and rules (Lab.snapshot) after kube-proxy's first sync ("kube-proxy"),
+    #: pyproxy's takeover ("pyproxy"), and at the end ("kube-proxy at the end": the same API
+    #: objects as at the start; what differs is what the rollback left or lost).
     snapshots: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def snapshot_diff(self, a: str, b: str) -> dict[str, list[str]]:
@@ -173,8 +174,8 @@ class MigrationReport:
             },
             "differences": {
                 "kube-proxy vs pyproxy": self.snapshot_diff("kube-proxy", "pyproxy"),
-                "kube-proxy vs kube-proxy again": self.snapshot_diff(
-                    "kube-proxy", "kube-proxy again"
+                "kube-proxy vs kube-proxy at the end": self.snapshot_diff(
+                    "kube-proxy", "kube-proxy at the end"
                 ),
             }
             if len(self.snapshots) == 3
@@ -531,7 +532,7 @@ def migrate(
 
     def switch(old: Proc, new_proxy: str) -> Proc:
         stop(old)
-        event(f"{old.label.split(':', 1)[0]} stopped (SIGTERM)")
+        event(f"{'kube-proxy' if new_proxy == 'pyproxy' else 'pyproxy'} stopped (SIGTERM)")
         listening = lab.node.run(["ss", "-ltnp"], check=False).stdout
         if ":10249" in listening or ":10256" in listening:
             event(f"still listening after the stop:\n{listening}")
@@ -542,8 +543,9 @@ def migrate(
         event(f"{new_proxy} started")
         wait_for(lambda: lab.synced(new), 180, f"{new_proxy}'s first sync")
         event(f"{new_proxy} synced")
-        snapshots["pyproxy" if new_proxy == "pyproxy" else "kube-proxy again"] = lab.snapshot()
-        time.sleep(settle)
+        time.sleep(settle)  # the metric is set per family: both have synced by now
+        if new_proxy == "pyproxy":
+            snapshots["pyproxy"] = lab.snapshot()
         return new
 
     def answers(name: str) -> bool:
@@ -560,6 +562,7 @@ def migrate(
         60,
         "kube-proxy serves both targets",
     )
+    time.sleep(settle)
     snapshots["kube-proxy"] = lab.snapshot()
     t0 = time.monotonic()
     starts.append((PHASES[0], t0))
@@ -582,6 +585,8 @@ def migrate(
         removed_at = time.monotonic()
         event("endpoint a2 removed")
         time.sleep(after)
+        # The same objects as at the start, so kube-proxy's rules must be as they were then.
+        snapshots["kube-proxy at the end"] = lab.snapshot()
     finally:
         samples = load.stop()
         event("load stopped")

@@ -80,6 +80,12 @@ def test_migration_drops_no_request(
     # endpoint a2, and kube-proxy removed it again after the rollback.
     assert "a2" in report.answered_by("pyproxy", "ClusterIP")
     assert report.a2_after_removal == 0
+    # After the rollback kube-proxy's rules are exactly what they were before pyproxy (same API
+    # objects): pyproxy left nothing kube-proxy does not know, and took nothing away.
+    assert report.snapshot_diff("kube-proxy", "kube-proxy at the end") == {
+        "only kube-proxy": [],
+        "only kube-proxy at the end": [],
+    }
     for phase in PHASES:
         for target in ("ClusterIP", "NodePort"):
             assert report.phases[phase].targets[target]["requests"] > 0, (phase, target)
