@@ -47,6 +47,7 @@ import kubernetes  # noqa: E402
 from controlplane import ControlPlane, api_client, find_bin_dir  # noqa: E402
 from migration import (  # noqa: E402
     PROCEDURES,
+    SLOW,
     Lab,
     MigrationReport,
     create_objects,
@@ -119,9 +120,10 @@ def main() -> int:
     }
     (args.out / "migration-results.json").write_text(json.dumps(doc, indent=2) + "\n")
     (args.out / "migration-results.md").write_text(
-        "# Failed requests per phase (failed / requests), kube-proxy ⇄ pyproxy on one node\n\n"
+        "# Failed requests per phase, kube-proxy ⇄ pyproxy on one node\n\n"
         f"`{doc['command']}` — {doc['date']}, {doc['kube_proxy']}, {doc['iptables']}, "
-        f"{args.rate:g} new TCP connections/s per target.\n\n"
+        f"{args.rate:g} new TCP connections/s per target. Cells: failed / requests started in "
+        f"the phase (answered, but after more than {SLOW:g} s: a retransmitted SYN).\n\n"
         + table
         + "\nFailure kinds: "
         + "; ".join(f"{r.procedure}: {failure_kinds(r)}" for r in reports)
