@@ -164,12 +164,8 @@ class Controller:
         for family in IPFamily:
             self.health.updated(family)
         for server in (self.healthz_server, self.metrics_server):
-            try:
-                server.start()
-            except OSError as err:  # kube-proxy logs and carries on; so do we
-                logger.error(
-                    "cannot start HTTP server", server=type(server).__name__, error=str(err)
-                )
+            # kube-proxy logs a bind failure, carries on and retries every 5 s; so do we.
+            server.start_retrying(self._stop)
         self.source.start()
         self.runner.start()
         # The first sync, as soon as the source has its first complete lists (upstream runs it
