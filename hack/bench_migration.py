@@ -2,7 +2,7 @@
 """Failed requests while a node switches from kube-proxy to pyproxy and back (not a test).
 
     sudo .venv/bin/python hack/bench_migration.py [--procedures cleanup,takeover]
-        [--steady 20] [--after 30] [--rate 20] [--out docs]
+        [--kube-proxy-modes iptables,nftables] [--steady 20] [--after 30] [--rate 20] [--out docs]
 
 For each procedure, in a fresh netlab cluster (node-a with pods a1, a2; node-b with b1; one
 outside client) against one real kube-apiserver: kube-proxy v1.34.4 (hack/build-control-plane.sh)
@@ -17,7 +17,9 @@ connections (refused, unreachable, no answer within 5 s) are counted per phase a
     after       `--after` s of kube-proxy alone (that endpoint is removed)
 
 "cleanup" is the procedure docs/deploy.md described before issue 16 (with a cleanup between the
-proxies), "takeover" the one it describes now (no cleanup). Writes <out>/migration-results.json
+proxies), "takeover" the one it describes now (no cleanup). `--kube-proxy-modes` nftables also
+runs the takeover from kube-proxy in nftables mode (pyproxy deletes its tables after its first
+sync; the rollback goes to kube-proxy in iptables mode). Writes <out>/migration-results.json
 (every count, the timeline of events, the KUBE-* chains and rules after each proxy's first sync
 and their differences) and <out>/migration-results.md (the table); prints the table. The
 committed copies in docs/ are the figures of record (bench/results/ is not committed). The
@@ -76,6 +78,11 @@ def main() -> int:
     parser.add_argument("--steady", type=float, default=20.0)
     parser.add_argument("--after", type=float, default=30.0)
     parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument(
+        "--kube-proxy-modes",
+        default="iptables",
+        help="modes of the first kube-proxy, each run with every procedure (iptables,nftables)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     args = parser.parse_args()
     procedures = [p for p in args.procedures.split(",") if p]
@@ -91,10 +98,17 @@ def main() -> int:
         cp.start()
         try:
             with api_client(cp.kubeconfig_admin) as api:
-                for procedure in procedures:
-                    reports.append(
-                        run_one(cp, api, bin_dir, workdir, procedure=procedure, args=args)
-                    )
+                for mode in args.kube_proxy_modes.split(","):
+                    for procedure in procedures:
+                        if procedure == "cleanup" and mode != "iptables":
+                            # The old procedure cleaned other modes with kube-proxy --cleanup,
+                            # which this lab does not run; only its iptables case is compared.
+                            continue
+                        reports.append(
+                            run_one(
+                                cp, api, bin_dir, workdir, procedure=procedure, mode=mode, args=args
+                            )
+                        )
         finally:
             cp.stop()
 
@@ -110,6 +124,7 @@ def main() -> int:
                 f"--steady {args.steady:g}",
                 f"--after {args.after:g}",
                 f"--rate {args.rate:g}",
+                f"--kube-proxy-modes {args.kube_proxy_modes}",
             ]
         ),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -126,7 +141,7 @@ def main() -> int:
         f"the phase (answered, but after more than {SLOW:g} s: a retransmitted SYN).\n\n"
         + table
         + "\nFailure kinds: "
-        + "; ".join(f"{r.procedure}: {failure_kinds(r)}" for r in reports)
+        + "; ".join(f"{r.label}: {failure_kinds(r)}" for r in reports)
         + "\n"
         + "".join(differences(r) for r in reports)
     )
@@ -143,7 +158,7 @@ def differences(report: MigrationReport) -> str:
         if a not in report.snapshots or b not in report.snapshots:
             continue
         diff = report.snapshot_diff(a, b)
-        out.append(f"\n{report.procedure}: {a} vs {b}: ")
+        out.append(f"\n{report.label}: {a} vs {b}: ")
         if not any(diff.values()):
             out.append("identical\n")
             continue
@@ -161,6 +176,7 @@ def run_one(
     workdir: Path,
     *,
     procedure: str,
+    mode: str,
     args: argparse.Namespace,
 ) -> MigrationReport:
     namespace = f"migration-{uuid.uuid4().hex[:8]}"
@@ -168,7 +184,7 @@ def run_one(
     core.create_namespace(
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
     )
-    run_dir = workdir / procedure
+    run_dir = workdir / f"{procedure}-{mode}"
     run_dir.mkdir()
     try:
         with Cluster({"a": ("a1", "a2"), "b": ("b1",)}) as cluster:
@@ -191,6 +207,7 @@ def run_one(
                         steady=args.steady,
                         after=args.after,
                         rate=args.rate,
+                        kube_proxy_mode=mode,
                         progress=progress,
                     )
                 except BaseException:
@@ -204,7 +221,7 @@ def run_one(
         core.delete_collection_namespaced_service(namespace)
         kubernetes.client.DiscoveryV1Api(api).delete_collection_namespaced_endpoint_slice(namespace)
         core.delete_namespace(namespace)
-    progress(f"{procedure}:\n{markdown([report])}")
+    progress(f"{report.label}:\n{markdown([report])}")
     return report
 
 

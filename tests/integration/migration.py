@@ -155,6 +155,14 @@ class MigrationReport:
     #: pyproxy's takeover ("pyproxy"), and at the end ("kube-proxy at the end": the same API
     #: objects as at the start; what differs is what the rollback left or lost).
     snapshots: dict[str, frozenset[str]] = field(default_factory=dict)
+    #: The first kube-proxy's mode (the rollback is always to iptables mode).
+    kube_proxy_mode: str = "iptables"
+
+    @property
+    def label(self) -> str:
+        return self.procedure + (
+            f" (from {self.kube_proxy_mode})" if self.kube_proxy_mode != "iptables" else ""
+        )
 
     def snapshot_diff(self, a: str, b: str) -> dict[str, list[str]]:
         """Chains and rules only in snapshot `a`, and only in `b`."""
@@ -170,6 +178,7 @@ class MigrationReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "procedure": self.procedure,
+            "kube_proxy_mode": self.kube_proxy_mode,
             "rate_per_target": self.rate_per_target,
             "phases": {
                 name: {"seconds": round(p.seconds, 2), "targets": p.targets}
@@ -322,13 +331,14 @@ class Lab:
             "127.0.0.1:10249",
         ]
 
-    def start(self, proxy: str) -> Proc:
+    def start(self, proxy: str, mode: str = "iptables") -> Proc:
+        """Start kube-proxy (in `mode`: iptables or nftables) or pyproxy (iptables mode)."""
         self.runs += 1
         if proxy == "kube-proxy":
             argv = [
                 str(self.kube_proxy),
                 "--proxy-mode",
-                "iptables",
+                mode,
                 *self._common(),
                 # A netns cannot change the global conntrack table size or timeouts: leave them.
                 "--conntrack-max-per-core=0",
@@ -382,7 +392,8 @@ class Lab:
 
     def snapshot(self) -> frozenset[str]:
         """Every KUBE-* chain and rule of both families, as `FAMILY TABLE LINE` (counters
-        and the order of Services, which upstream randomizes, left out)."""
+        and the order of Services, which upstream randomizes, left out), and kube-proxy's
+        nftables tables (`nft table ip kube-proxy`)."""
         lines = set()
         for family, save in (("ipv4", "iptables-nft-save"), ("ipv6", "ip6tables-nft-save")):
             table = ""
@@ -393,6 +404,9 @@ class Lab:
                     lines.add(f"{family} {table} :{line[1:].split()[0]}")
                 elif line.startswith("-A") and "KUBE-" in line:
                     lines.add(f"{family} {table} {line}")
+        for line in self.node.run(["nft", "list", "tables"]).stdout.splitlines():
+            if line.endswith(" kube-proxy"):  # kube-proxy's nftables mode
+                lines.add(f"nft {line}")
         return frozenset(lines)
 
 
@@ -515,13 +529,16 @@ def migrate(
     settle: float = 2.0,
     rate: float = 20.0,
     timeout: float = 5.0,
+    kube_proxy_mode: str = "iptables",
     progress: Callable[[str], None] = lambda _: None,
 ) -> MigrationReport:
     """Run the five phases with `procedure` ("cleanup" or "takeover") and count.
 
     `steady`: seconds of each proxy-alone phase; `after`: of the last one; `settle`: seconds
     the load goes on after a proxy's first sync before the next phase begins (requests already
-    in flight then still count in the switch's phase)."""
+    in flight then still count in the switch's phase). `kube_proxy_mode`: the mode of the
+    first kube-proxy (nftables: pyproxy must also delete its tables); the rollback always goes
+    to iptables mode, the only one whose start leaves the rules of the proxy before in place."""
     if procedure not in PROCEDURES:
         raise ValueError(f"procedure must be one of {PROCEDURES}")
     lab.cluster.client_route("10.96.0.0/16", "a")
@@ -563,7 +580,7 @@ def migrate(
         result = tcp_ask(lab.cluster.client, CLUSTER_IP, 80, timeout=timeout)
         return isinstance(result, Reply) and result.name == name
 
-    kube_proxy = lab.start("kube-proxy")
+    kube_proxy = lab.start("kube-proxy", kube_proxy_mode)
     wait_for(lambda: lab.synced(kube_proxy), 180, "kube-proxy's first sync")
     wait_for(
         lambda: all(
@@ -614,6 +631,7 @@ def migrate(
         quiet=quiet,
     )
     report.snapshots = snapshots
+    report.kube_proxy_mode = kube_proxy_mode
     return report
 
 
@@ -630,7 +648,7 @@ def markdown(reports: Sequence[MigrationReport]) -> str:
                     target, {"failed": 0, "requests": 0, "slow": 0}
                 )
                 cells.append(f"{entry['failed']} / {entry['requests']} ({entry['slow']} slow)")
-            lines.append(f"| {report.procedure} | {target} | " + " | ".join(cells) + " |")
+            lines.append(f"| {report.label} | {target} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,8 @@ The test runs the real kube-proxy v1.34.4 and pyproxy one after the other in net
 (see migration.py), with 20 new TCP connections per second to a ClusterIP and to a NodePort from
 an outside client, and counts failed connections per phase: a count, never a time. The
 "cleanup" procedure is run too and must fail the same assertion (strict xfail), which shows the
-assertion can fail.
+assertion can fail. The takeover is also run from kube-proxy in nftables mode, whose tables
+pyproxy deletes once its own rules are in (pyproxy/nftleftovers.py).
 """
 
 from __future__ import annotations
@@ -53,11 +54,15 @@ def lab(control_plane: ControlPlane, cluster: Cluster) -> Iterator[Lab]:
 
 
 @pytest.mark.parametrize(
-    "procedure",
+    ("procedure", "kube_proxy_mode"),
     [
-        "takeover",
+        ("takeover", "iptables"),
+        # kube-proxy in nftables mode: pyproxy deletes its tables after its first sync; the
+        # rollback goes to kube-proxy in iptables mode.
+        ("takeover", "nftables"),
         pytest.param(
             "cleanup",
+            "iptables",
             marks=pytest.mark.xfail(
                 strict=True,
                 raises=AssertionError,
@@ -67,11 +72,23 @@ def lab(control_plane: ControlPlane, cluster: Cluster) -> Iterator[Lab]:
     ],
 )
 def test_migration_drops_no_request(
-    lab: Lab, api: kubernetes.client.ApiClient, namespace: str, procedure: str
+    lab: Lab,
+    api: kubernetes.client.ApiClient,
+    namespace: str,
+    procedure: str,
+    kube_proxy_mode: str,
 ) -> None:
     create_objects(api, namespace)
     try:
-        report = migrate(lab, api, namespace, procedure, steady=4.0, after=10.0)
+        report = migrate(
+            lab,
+            api,
+            namespace,
+            procedure,
+            steady=4.0,
+            after=10.0,
+            kube_proxy_mode=kube_proxy_mode,
+        )
     finally:
         delete_node(api)
     print(markdown([report]))
@@ -80,12 +97,17 @@ def test_migration_drops_no_request(
     # endpoint a2, and kube-proxy removed it again after the rollback.
     assert "a2" in report.answered_by("pyproxy", "ClusterIP")
     assert report.a2_after_removal == 0
-    # After the rollback kube-proxy's rules are exactly what they were before pyproxy (same API
-    # objects): pyproxy left nothing kube-proxy does not know, and took nothing away.
-    assert report.snapshot_diff("kube-proxy", "kube-proxy at the end") == {
-        "only kube-proxy": [],
-        "only kube-proxy at the end": [],
-    }
+    if kube_proxy_mode == "iptables":
+        # After the rollback kube-proxy's rules are exactly what they were before pyproxy (same
+        # API objects): pyproxy left nothing kube-proxy does not know, and took nothing away.
+        assert report.snapshot_diff("kube-proxy", "kube-proxy at the end") == {
+            "only kube-proxy": [],
+            "only kube-proxy at the end": [],
+        }
+    else:
+        tables = {"nft table ip kube-proxy", "nft table ip6 kube-proxy"}
+        assert tables <= report.snapshots["kube-proxy"]
+        assert not tables & report.snapshots["pyproxy"]  # deleted after pyproxy's first sync
     for phase in PHASES:
         for target in ("ClusterIP", "NodePort"):
             assert report.phases[phase].targets[target]["requests"] > 0, (phase, target)
