@@ -186,18 +186,19 @@ class MigrationReport:
             },
             "events": [[round(t, 2), what] for t, what in self.events],
             "a2_after_removal": self.a2_after_removal,
-            "kube_chains": {
-                name: sorted(line for line in snap if " :" in line)
-                for name, snap in self.snapshots.items()
-            },
             "differences": {
                 "kube-proxy vs pyproxy": self.snapshot_diff("kube-proxy", "pyproxy"),
                 "kube-proxy vs kube-proxy at the end": self.snapshot_diff(
                     "kube-proxy", "kube-proxy at the end"
                 ),
             }
-            if len(self.snapshots) == 3
+            if len(self.snapshots) == 3 and self.kube_proxy_mode == "iptables"
             else {},
+            # From another mode the rule sets have nothing in common but these tables.
+            "kube_proxy_nftables_tables": {
+                name: sorted(x for x in snap if x.startswith("nft "))
+                for name, snap in self.snapshots.items()
+            },
         }
 
 
