@@ -158,7 +158,7 @@ def differences(report: MigrationReport) -> str:
         if a not in report.snapshots or b not in report.snapshots:
             continue
         diff = report.snapshot_diff(a, b)
-        if report.kube_proxy_mode != "iptables" and b == "pyproxy":
+        if report.kube_proxy_mode != "iptables":
             # Nothing in common but the nftables tables, which must be gone after the takeover.
             diff = {
                 side: [x for x in lines if x.startswith("nft ")] for side, lines in diff.items()

@@ -20,7 +20,8 @@
 #      node matches ($PAUSE_LABEL=true); its pods get SIGTERM and leave their
 #      rules; wait until they are gone (no two proxies on a node at once);
 #   3. kubectl apply -k KUSTOMIZATION, then wait until every pyproxy pod is
-#      Ready (Ready = its first sync is done).
+#      Ready (its /healthz answers; its first sync follows its first complete
+#      lists from the API server, and the old rules serve until then).
 # to-kube-proxy (the reverse):
 #   1. delete the pyproxy DaemonSet (its pods leave their rules) and wait until
 #      its pods are gone;

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
-from netlab import Cluster, Proc, Reply, tcp_ask
+from netlab import Client, Cluster, Proc, Reply, tcp_ask
 
 PROCEDURES = ("cleanup", "takeover")
 PHASES = ("kube-proxy", "takeover", "pyproxy", "rollback", "after")
@@ -62,7 +62,7 @@ SLOW = 0.9
 
 
 class MigrationError(RuntimeError):
-    pass
+    """The lab could not do what a phase needs (a proxy exited, never synced, never stopped)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +83,7 @@ class Load:
     its own worker, so a slow or hanging connection never delays the next one."""
 
     def __init__(
-        self, where: object, targets: Mapping[str, tuple[str, int]], rate: float, timeout: float
+        self, where: Client, targets: Mapping[str, tuple[str, int]], rate: float, timeout: float
     ) -> None:
         self.where = where
         self.targets = dict(targets)
@@ -98,7 +98,7 @@ class Load:
 
     def _probe(self, target: str, phase: str, started: float) -> None:
         ip, port = self.targets[target]
-        result = tcp_ask(self.where, ip, port, timeout=self.timeout)  # type: ignore[arg-type]
+        result = tcp_ask(self.where, ip, port, timeout=self.timeout)
         seconds = time.monotonic() - started
         ok = isinstance(result, Reply)
         sample = Sample(
