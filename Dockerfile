@@ -27,6 +27,7 @@ FROM ${PYTHON_IMAGE}
 #   ipset     IPVS mode's sets          ipvsadm    IPVS inspection
 #   conntrack stale UDP flow deletion   iproute2   ip addr/route (kube-ipvs0, node IPs)
 #   kmod      modprobe ip_vs*, nf_conntrack (with the host's /lib/modules mounted)
+#   nftables  nft: deletes kube-proxy's nftables-mode tables after taking over a node
 # Versions are not pinned: the bookworm suite only receives security updates,
 # which the image should pick up on rebuild.
 # hadolint ignore=DL3008
@@ -38,6 +39,7 @@ RUN apt-get update \
         iptables \
         ipvsadm \
         kmod \
+        nftables \
     && rm -rf /var/lib/apt/lists/*
 
 # The wheel is bind-mounted from the build stage instead of copied, so it leaves

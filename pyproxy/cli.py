@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from pyproxy import log, sysctl
+from pyproxy import log, nftleftovers, sysctl
 from pyproxy.errors import ConfigError, KernelError, PyproxyError, StateFileError
 from pyproxy.iptables.kernelview import KernelView, cleanup_document
 from pyproxy.iptables.proxier import IptablesProxier
@@ -130,8 +130,6 @@ def sync_once_nftables(options: ProxyOptions, cluster: ClusterState) -> None:
 
     from pyproxy.nftables.proxier import STALE_CHAIN_DELAY, NftablesProxier
 
-    # As kube-proxy's platformCleanup: switching to nftables removes the other modes' rules.
-    cleanup_iptables_modes(options)
     # No prepare_kernel: nftables mode has no localhost NodePorts and no INVALID rule.
     for config in _configs(options, cluster):
         proxier = NftablesProxier(config, service_cidrs=cluster.all_service_cidrs())
@@ -152,17 +150,21 @@ def sync_once_nftables(options: ProxyOptions, cluster: ClusterState) -> None:
             stale_chains=result.stale_chains_flushed,
             transaction_bytes=result.transaction_bytes,
         )
+    # As kube-proxy's platformCleanup, switching to nftables removes the other modes' rules;
+    # but once nftables mode's own rules are in (upstream: before), so no moment is without.
+    cleanup_iptables_modes(options)
 
 
 def sync_once(options: ProxyOptions, cluster: ClusterState) -> None:
     if options.proxy_mode == "nftables":
         sync_once_nftables(options, cluster)
         return
-    # As kube-proxy's platformCleanup: iptables and IPVS modes remove nftables mode's tables.
-    cleanup_nftables()
+    # As kube-proxy's platformCleanup, iptables and IPVS modes remove nftables mode's tables;
+    # but after their own rules are in (upstream: before), so no moment is without rules.
     backend = detect_backend(options.iptables_backend)
     if options.proxy_mode == "ipvs":
         sync_once_ipvs(options, cluster, backend)
+        cleanup_nftables()
         return
     for config in map(prepare_kernel, _sync_configs(options, cluster)):
         proxier = IptablesProxier(config, Iptables(config.family, backend))
@@ -177,25 +179,20 @@ def sync_once(options: ProxyOptions, cluster: ClusterState) -> None:
             nat_rules=result.nat_rules,
             restore_bytes=result.restore_bytes,
         )
+    cleanup_nftables()
 
 
 def cleanup_nftables() -> None:
     """Delete the `ip` and `ip6` `kube-proxy` tables (nftables mode's only objects)."""
-    from pyproxy.nftables.nft import Nft
-    from pyproxy.nftables.render import TABLE
-
-    for family, nft_family in ((IPFamily.IPv4, "ip"), (IPFamily.IPv6, "ip6")):
-        nft = Nft(nft_family, TABLE)
+    for family in (IPFamily.IPv4, IPFamily.IPv6):
         try:
-            existed = nft.names().exists
-            if existed:
-                nft.delete_table()
+            existed = nftleftovers.delete_kube_proxy_table(family)
         except KernelError as err:
             # As upstream: no usable nft means there is nothing of nftables mode to remove;
             # the other modes' cleanup still runs.
             logger.warning("nftables cleanup skipped", ip_family=family.value, error=str(err))
             continue
-        logger.info("cleaned up nftables mode", ip_family=family.value, changed=existed)
+        logger.info("cleaned up nftables mode", ip_family=family.value, changed=bool(existed))
 
 
 def cleanup(options: ProxyOptions) -> None:
@@ -253,6 +250,7 @@ def run_controller(options: ProxyOptions) -> int:
         source_factory=lambda c: KubeSource(options.kubeconfig, options.node_name, c),
         host_addresses=host_addresses,
         conntrack=ConntrackCleaner,
+        nftables_leftovers=nftleftovers.remove_after_sync,
     )
     logger.info(
         "starting",

@@ -67,6 +67,8 @@ class FamilyProxier:
     states: ServiceStates = field(default_factory=dict)
     #: A conntrack cleanup failed: retry it after the next sync.
     conntrack_pending: bool = False
+    #: kube-proxy's nftables-mode table of this family has been looked for and is gone.
+    nftables_leftovers_checked: bool = False
 
 
 class Controller:
@@ -78,6 +80,7 @@ class Controller:
         source_factory: Callable[[Controller], Source],
         host_addresses: Callable[[], tuple[IPAddress, ...]],
         conntrack: Callable[[IPFamily], ConntrackCleaner] | None = None,
+        nftables_leftovers: Callable[[IPFamily], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.options = options
@@ -86,6 +89,9 @@ class Controller:
         self._lock = threading.Lock()
         self._host_addresses = host_addresses
         self._conntrack = conntrack
+        #: After a family's first full iptables sync: remove kube-proxy's nftables-mode table
+        #: (nftleftovers.remove_after_sync; True once done).
+        self._nftables_leftovers = nftables_leftovers
         self._clock = clock
         self.families: dict[IPFamily, FamilyProxier] = {}
         self.metrics = Metrics(options.proxy_mode)
@@ -145,12 +151,8 @@ class Controller:
         for family in IPFamily:
             self.health.updated(family)
         for server in (self.healthz_server, self.metrics_server):
-            try:
-                server.start()
-            except OSError as err:  # kube-proxy logs and carries on; so do we
-                logger.error(
-                    "cannot start HTTP server", server=type(server).__name__, error=str(err)
-                )
+            # kube-proxy logs a bind failure, carries on and retries every 5 s; so do we.
+            server.start_retrying(self._stop)
         self.source.start()
         self.runner.start()
         # The first sync, as soon as the source has its first complete lists (upstream runs it
@@ -337,7 +339,14 @@ class Controller:
         family = fp.config.family.value
         try:
             if isinstance(fp.proxier, IptablesProxier):
-                return fp.proxier.sync(states, changed, full=full)
+                result = fp.proxier.sync(states, changed, full=full)
+                if (
+                    result.full
+                    and not fp.nftables_leftovers_checked
+                    and self._nftables_leftovers is not None
+                ):
+                    fp.nftables_leftovers_checked = self._nftables_leftovers(fp.config.family)
+                return result
             return fp.proxier.sync(fp.states, changed, full=full)
         except RestoreError as err:
             self.metrics.iptables_restore_failures_total.labels(family).inc()

@@ -403,6 +403,26 @@ class HTTPService:
             port=self._listener.address[1],
         )
 
+    def start_retrying(self, stop: threading.Event, interval: float = 5.0) -> None:
+        """Start now if the address can be bound, else keep trying every `interval` seconds in
+        the background until it can or `stop` is set, as kube-proxy's servers do: the proxy
+        this one replaces on the node (a rollout, a switch from or to kube-proxy) may hold the
+        port a little longer, and without /healthz the pod would never turn Ready."""
+        try:
+            self.start()
+        except OSError:
+            threading.Thread(
+                target=self._retry, args=(stop, interval), daemon=True, name=f"{self.name}-retry"
+            ).start()
+
+    def _retry(self, stop: threading.Event, interval: float) -> None:
+        while not stop.wait(interval):
+            try:
+                self.start()
+            except OSError:
+                continue  # start() logged it
+            return
+
     def stop(self) -> None:
         """Close the listening socket now; requests already being answered still finish."""
         if self._listener is not None:

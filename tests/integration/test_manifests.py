@@ -49,6 +49,7 @@ SHELL_SCRIPTS = sorted(
         *REPO_ROOT.glob("hack/kind-*.sh"),
         REPO_ROOT / "hack/e2e-kind.sh",
         REPO_ROOT / "hack/upstream-e2e.sh",
+        REPO_ROOT / "hack/migrate.sh",
     ]
 )
 

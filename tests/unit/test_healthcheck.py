@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -294,6 +295,30 @@ def test_healthz_bind_failure_raises(health: ProxyHealth) -> None:
         with pytest.raises(OSError):
             server.start()
         assert server.address is None
+
+
+def test_server_starts_once_the_port_is_released(health: ProxyHealth) -> None:
+    """The proxy pyproxy replaces may still hold 10256 when pyproxy starts: it must not give up
+    (a pod without /healthz never turns Ready), but bind as soon as the port is free."""
+    stop = threading.Event()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    server = HealthzServer(health, f"127.0.0.1:{port}")
+    try:
+        server.start_retrying(stop, interval=0.05)
+        assert server.address is None
+        taken.close()
+        deadline = time.monotonic() + 30
+        while server.address is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.address == ("127.0.0.1", port)
+        assert http_get(f"http://127.0.0.1:{port}/livez")[0] == 200
+    finally:
+        stop.set()
+        taken.close()
+        server.stop()
 
 
 # --- health-check node ports --------------------------------------------------------------------
