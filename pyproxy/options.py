@@ -61,6 +61,7 @@ class ProxyOptions:
     masquerade_bit: int = 14
     sync_period: float = 30.0
     min_sync_period: float = 1.0
+    #: A scheduler name, normalised by parse_options ("" → "rr").
     ipvs_scheduler: str = "rr"
     healthz_bind_address: str = "0.0.0.0:10256"
     metrics_bind_address: str = "127.0.0.1:10249"
@@ -215,7 +216,8 @@ def parse_options(argv: Sequence[str]) -> ProxyOptions:
                     f"--nodeport-addresses: invalid CIDR {text!r} (CIDRs or 'primary')"
                 ) from None
     try:
-        normalize_scheduler(args.ipvs_scheduler)
+        # Checked and normalised here, once: the IPVS proxier and --dry-run take it as it is.
+        scheduler = normalize_scheduler(args.ipvs_scheduler)
     except ValueError as err:
         raise ConfigError(f"--ipvs-scheduler: {err}") from None
     if not 0 <= args.iptables_masquerade_bit <= 31:
@@ -239,7 +241,7 @@ def parse_options(argv: Sequence[str]) -> ProxyOptions:
         masquerade_bit=args.iptables_masquerade_bit,
         sync_period=args.iptables_sync_period,
         min_sync_period=args.iptables_min_sync_period,
-        ipvs_scheduler=args.ipvs_scheduler,
+        ipvs_scheduler=scheduler,
         healthz_bind_address=args.healthz_bind_address,
         metrics_bind_address=args.metrics_bind_address,
         kubeconfig=args.kubeconfig,
