@@ -41,13 +41,12 @@ from pyproxy.conntrack import CleanupResult
 from pyproxy.errors import PyproxyError, RestoreError
 from pyproxy.gcpause import gc_paused
 from pyproxy.healthcheck import HealthzServer, ProxyHealth, ServiceHealthServer
-from pyproxy.iptables.proxier import FULL_SYNC_PERIOD
 from pyproxy.metrics import Metrics, MetricsServer
 from pyproxy.model import IPFamily, NamespacedName
 from pyproxy.model import Protocol as L4
 from pyproxy.nodeconfig import HostAddresses, node_configs
 from pyproxy.options import ProxyOptions
-from pyproxy.proxier import Proxier, ProxierFactory, SyncResult
+from pyproxy.proxier import FULL_SYNC_PERIOD, Proxier, ProxierFactory, SyncResult
 from pyproxy.proxystate import (
     LazyStates,
     ProxierConfig,
@@ -135,14 +134,12 @@ class Controller:
         self.runner = BoundedFrequencyRunner(
             self.sync,
             min_interval=options.min_sync_period,
-            # As upstream (1.34): in iptables mode the runner's periodic run is the hourly full
-            # sync (proxyutil.FullSyncPeriod); --iptables-sync-period paces the canary check
-            # and the retries. A full sync every 30 s costs 13 s of CPU at 10,000 Services
-            # (legacy) and minutes with iptables-nft-restore. IPVS mode syncs every sync
-            # period, as upstream.
-            max_interval=FULL_SYNC_PERIOD
-            if options.proxy_mode == "iptables"
-            else options.sync_period,
+            # As upstream (1.34): in iptables (and nftables) mode the runner's periodic run is
+            # the hourly full sync (proxyutil.FullSyncPeriod); --iptables-sync-period paces the
+            # canary check and the retries. A full sync every 30 s costs 13 s of CPU at 10,000
+            # Services (legacy) and minutes with iptables-nft-restore. IPVS mode syncs every
+            # sync period, as upstream.
+            max_interval=options.sync_period if options.proxy_mode == "ipvs" else FULL_SYNC_PERIOD,
             # Upstream's proxiers all pass the sync period as the runner's retry interval.
             retry_interval=options.sync_period,
             clock=clock,

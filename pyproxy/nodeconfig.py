@@ -58,9 +58,7 @@ def with_host_facts(configs: Iterable[ProxierConfig]) -> tuple[ProxierConfig, ..
     return tuple(dataclasses.replace(c, conntrack_tcp_be_liberal=liberal) for c in configs)
 
 
-def prepare_host(
-    configs: Iterable[ProxierConfig], proxy_mode: str
-) -> tuple[ProxierConfig, ...]:
+def prepare_host(configs: Iterable[ProxierConfig], proxy_mode: str) -> tuple[ProxierConfig, ...]:
     """Set the sysctls the rules of `proxy_mode` need; returns the configs matching the host."""
     configs = tuple(configs)
     localhost_nodeports = any(c.localhost_nodeports for c in configs)
@@ -69,7 +67,5 @@ def prepare_host(
         and localhost_nodeports
         and sysctl.ensure("net.ipv4.conf.all.route_localnet", "1")
     ):
-        logger.info(
-            "set route_localnet=1 for localhost NodePorts (--iptables-localhost-nodeports)"
-        )
+        logger.info("set route_localnet=1 for localhost NodePorts (--iptables-localhost-nodeports)")
     return with_host_facts(configs)

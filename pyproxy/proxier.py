@@ -31,6 +31,10 @@ from typing import Protocol
 from pyproxy.model import NamespacedName
 from pyproxy.proxystate import LazyStates, ProxierConfig, ServiceStates
 
+#: Upstream's proxyutil.FullSyncPeriod: the iptables (and nftables) proxiers write everything
+#: at least hourly, even without failures; it is also their sync runner's maximum interval.
+FULL_SYNC_PERIOD = 3600.0
+
 
 @dataclass(frozen=True, slots=True)
 class SyncResult:
@@ -85,4 +89,11 @@ class LeftoverCleanup(Protocol):
     def __call__(self, backend: str) -> bool: ...
 
 
-__all__ = ["LeftoverCleanup", "Proxier", "ProxierFactory", "ServiceStates", "SyncResult"]
+__all__ = [
+    "FULL_SYNC_PERIOD",
+    "LeftoverCleanup",
+    "Proxier",
+    "ProxierFactory",
+    "ServiceStates",
+    "SyncResult",
+]

@@ -37,7 +37,7 @@ from pyproxy.iptables.render import (
 )
 from pyproxy.iptables.restore import Iptables, canary_exists
 from pyproxy.model import IPFamily, NamespacedName
-from pyproxy.proxier import SyncResult
+from pyproxy.proxier import FULL_SYNC_PERIOD, SyncResult
 from pyproxy.proxystate import (
     LazyStates,
     ProxierConfig,
@@ -51,10 +51,6 @@ logger = structlog.get_logger("pyproxy")
 
 class _WrongClusterModeError(Exception):
     """A streamed full sync guessed upstream's large-cluster mode wrong (see _full_sync)."""
-
-
-#: Upstream's proxyutil.FullSyncPeriod: even without failures, write everything hourly.
-FULL_SYNC_PERIOD = 3600.0
 
 
 def _service_chain_rules(table: str, chain: str) -> bool:

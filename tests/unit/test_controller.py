@@ -16,8 +16,8 @@ from controller_fakes import Harness, make_controller
 from unit_support import endpoint_slice, node, service
 
 from pyproxy.errors import RestoreError
-from pyproxy.iptables.proxier import FULL_SYNC_PERIOD
 from pyproxy.model import IPFamily, NamespacedName
+from pyproxy.proxier import FULL_SYNC_PERIOD
 
 NODE_IP = "192.168.0.2"
 NODE_IPV6 = "2001:db8::2"

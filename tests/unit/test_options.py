@@ -30,4 +30,3 @@ def test_sync_periods_upstream_accepts() -> None:
     assert (options.sync_period, options.min_sync_period) == (60.0, 0.0)
     same = parse_options(["--iptables-sync-period", "5s", "--iptables-min-sync-period", "5s"])
     assert same.sync_period == same.min_sync_period == 5.0
-
