@@ -10,9 +10,9 @@ pipeline of named stages:
 IPVS has no partial sync (upstream's neither): the plan is always complete, and the diff
 touches only what differs. The iptables rules are written on a full sync (with missing hooks
 and the canary chain) and otherwise only when they changed. A real server that is draining
-(see diff.py) is re-examined on every sync; the controller's periodic sync (at most
---iptables-sync-period apart) plays the part of upstream's one-minute graceful-termination
-timer. Any failure makes the next sync a full one.
+(see diff.py) is re-examined on every sync; the controller's periodic sync
+(--iptables-sync-period after the end of the previous sync) plays the part of upstream's
+one-minute graceful-termination timer. Any failure makes the next sync a full one.
 """
 
 from __future__ import annotations
