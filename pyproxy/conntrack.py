@@ -49,7 +49,7 @@ import structlog
 from pyproxy.conntrack_plan import (
     IPPROTO_UDP,
     Flow,
-    ServiceStates,
+    ServicePorts,
     allowed_endpoints,
     stale_flows,
 )
@@ -116,7 +116,7 @@ class ConntrackCleaner:
         self.family = family
         self.table: ConntrackTable = table if table is not None else NetlinkConntrack(family)
 
-    def clean(self, *, previous: ServiceStates = (), current: ServiceStates) -> CleanupResult:
+    def clean(self, *, previous: ServicePorts = (), current: ServicePorts) -> CleanupResult:
         """Delete the UDP flows that do not go to a serving endpoint of their frontend.
 
         Raises KernelError when the table cannot be read or a deletion fails for another reason

@@ -63,7 +63,7 @@ from pyproxy.model import (
     NamespacedName,
     Protocol,
 )
-from pyproxy.options import ProxyOptions, parse_options, proxier_configs
+from pyproxy.options import ProxyOptions, parse_options
 from pyproxy.proxystate import ProxierConfig
 
 if TYPE_CHECKING:
@@ -359,12 +359,10 @@ def _first_cluster_ip(spec: Mapping[str, Any]) -> str:
 
 def node_configs(options: ProxyOptions, cluster: ClusterState) -> tuple[ProxierConfig, ...]:
     """The per-family configs of the node explained, as the proxy would build them."""
-    node = cluster.nodes.get(options.node_name)
-    if not options.node_ips and (node is None or not node.addresses):
-        from pyproxy.hostnet import host_addresses
+    from pyproxy.hostnet import host_addresses
+    from pyproxy.nodeconfig import node_configs as build_node_configs
 
-        return proxier_configs(options, node, host_addresses())
-    return proxier_configs(options, node, ())
+    return build_node_configs(options, cluster.nodes.get(options.node_name), host_addresses)
 
 
 # --- text output -------------------------------------------------------------------------
@@ -820,8 +818,8 @@ def _local_ips(options: ProxyOptions, family: IPFamily) -> list[str]:
 
 def trace_main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) -> int:
     """`pyproxy trace ARGS`: `argv` is what follows the word `trace`."""
-    from pyproxy import sysctl
     from pyproxy.iptables.restore import Iptables, detect_backend
+    from pyproxy.nodeconfig import with_host_facts
 
     out = stdout or sys.stdout
     prog = "pyproxy trace"
@@ -857,9 +855,7 @@ def trace_main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = No
                     f"cannot check drift: node {options.node_name} has no {family.value} address"
                     " (pass --node-ip)"
                 )
-            config = dataclasses.replace(
-                config, conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal()
-            )
+            (config,) = with_host_facts((config,))
             desired = desired_document(cluster, config)
         report = trace_saved(
             saved,

@@ -21,7 +21,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from pyproxy.healthcheck import HTTPResponse, HTTPService
+from pyproxy.httpserver import HTTPResponse, HTTPService
 
 _SUBSYSTEM = "kubeproxy"
 

@@ -112,6 +112,7 @@ class ProxyOptions:
     masquerade_bit: int = 14
     sync_period: float = 30.0
     min_sync_period: float = 1.0
+    #: A scheduler name, normalised by parse_options ("" → "rr").
     ipvs_scheduler: str = "rr"
     healthz_bind_address: str = "0.0.0.0:10256"
     metrics_bind_address: str = "127.0.0.1:10249"
@@ -200,14 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=_flag_duration,
         default=30.0,
         metavar="DURATION",
-        help="maximum interval between full syncs (default 30s)",
+        help="how often the canary chain is checked (a flushed table forces a full sync) and"
+        " how long after a failed sync it is retried; ipvs mode also syncs this often;"
+        " iptables mode's periodic full sync is hourly, as upstream's (default 30s)",
     )
     p.add_argument(
         "--iptables-min-sync-period",
         type=_flag_duration,
         default=1.0,
         metavar="DURATION",
-        help="minimum interval between syncs (default 1s)",
+        help="minimum time from the end of one sync to the start of the next; 0: sync every"
+        " change at once (default 1s)",
     )
     p.add_argument("--ipvs-scheduler", default="rr")
     p.add_argument("--healthz-bind-address", default="0.0.0.0:10256", metavar="IP:PORT")
@@ -268,9 +272,18 @@ def parse_options(argv: Sequence[str]) -> ProxyOptions:
                     f"--nodeport-addresses: invalid CIDR {text!r} (CIDRs or 'primary')"
                 ) from None
     try:
-        normalize_scheduler(args.ipvs_scheduler)
+        # Checked and normalised here, once: the IPVS proxier and --dry-run take it as it is.
+        scheduler = normalize_scheduler(args.ipvs_scheduler)
     except ValueError as err:
         raise ConfigError(f"--ipvs-scheduler: {err}") from None
+    # Upstream's validation (pkg/proxy/apis/config/validation): a zero period would retry and
+    # check the canary in a busy loop.
+    if args.iptables_sync_period <= 0:
+        raise ConfigError("--iptables-sync-period must be greater than 0")
+    if args.iptables_min_sync_period > args.iptables_sync_period:
+        raise ConfigError(
+            "--iptables-sync-period must be greater than or equal to --iptables-min-sync-period"
+        )
     if not 0 <= args.iptables_masquerade_bit <= 31:
         raise ConfigError("--iptables-masquerade-bit must be between 0 and 31")
     gates = parse_feature_gates(args.feature_gates)
@@ -284,7 +297,7 @@ def parse_options(argv: Sequence[str]) -> ProxyOptions:
         masquerade_bit=args.iptables_masquerade_bit,
         sync_period=args.iptables_sync_period,
         min_sync_period=args.iptables_min_sync_period,
-        ipvs_scheduler=args.ipvs_scheduler,
+        ipvs_scheduler=scheduler,
         healthz_bind_address=args.healthz_bind_address,
         metrics_bind_address=args.metrics_bind_address,
         kubeconfig=args.kubeconfig,

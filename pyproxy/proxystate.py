@@ -13,6 +13,7 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from pyproxy.model import (
     ClusterState,
@@ -87,6 +88,11 @@ class ServicePortState:
     info: ServicePortInfo
     endpoints: tuple[EndpointInfo, ...]
     categorized: CategorizedEndpoints
+
+
+#: One IP family's desired state: every Service with its service ports (what a proxier's
+#: `sync` takes and `desired_state` returns). Services without ports of the family are absent.
+ServiceStates: TypeAlias = Mapping[NamespacedName, tuple[ServicePortState, ...]]
 
 
 def service_state(
@@ -167,6 +173,13 @@ class LazyStates:
                 self.into[name] = ports
         return ports
 
+    def complete(self) -> dict[NamespacedName, tuple[ServicePortState, ...]]:
+        """Compute every state now (for a mode that needs them all before it starts);
+        returns `into`."""
+        for name in self.names():
+            self.get(name)
+        return self.into
+
     def endpoints_upper_bound(self) -> int:
         """At least `count_endpoints` of the complete state, without computing it: each
         endpoint of a slice counts once per slice port (a service port takes each endpoint of
@@ -179,6 +192,6 @@ class LazyStates:
         )
 
 
-def count_endpoints(states: Mapping[NamespacedName, tuple[ServicePortState, ...]]) -> int:
+def count_endpoints(states: ServiceStates) -> int:
     """Upstream's totalEndpoints: endpoints of every existing service port, this family."""
     return sum(len(port.endpoints) for ports in states.values() for port in ports)

@@ -1,8 +1,8 @@
 """One IP family's IPVS dataplane: read the kernel, plan, diff, apply; and --cleanup.
 
-The same interface as the iptables proxier (`sync(states, changed) -> result`,
-`need_full_sync`, `.iptables`, `.config`), so the controller drives either. Every sync is a
-straight pipeline of named stages:
+`IpvsProxier` implements the controller's `pyproxy.proxier.Proxier` contract (as the iptables
+proxier does), `cleanup_leftovers` is this mode's `--cleanup`. Every sync is a straight
+pipeline of named stages:
 
     read (kernel state: virtual/real servers with connection counts, kube-ipvs0, ipsets)
       → plan_ipvs (pure)  → diff (pure, with the draining map)  → apply_operations
@@ -10,9 +10,9 @@ straight pipeline of named stages:
 IPVS has no partial sync (upstream's neither): the plan is always complete, and the diff
 touches only what differs. The iptables rules are written on a full sync (with missing hooks
 and the canary chain) and otherwise only when they changed. A real server that is draining
-(see diff.py) is re-examined on every sync; the controller's periodic sync (at most
---iptables-sync-period apart) plays the part of upstream's one-minute graceful-termination
-timer. Any failure makes the next sync a full one.
+(see diff.py) is re-examined on every sync; the controller's periodic sync
+(--iptables-sync-period after the end of the previous sync) plays the part of upstream's
+one-minute graceful-termination timer. Any failure makes the next sync a full one.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Protocol
 import structlog
 
 from pyproxy import sysctl
-from pyproxy.errors import ConfigError, KernelError, RestoreError
+from pyproxy.errors import KernelError, RestoreError
 from pyproxy.iptables.kernelview import KernelView
-from pyproxy.iptables.restore import Iptables
+from pyproxy.iptables.restore import Iptables, canary_exists
 from pyproxy.ipvs.diff import (
     DEFAULT_DRAIN_TIMEOUT,
     AddRealServer,
@@ -49,14 +49,13 @@ from pyproxy.ipvs.diff import (
 )
 from pyproxy.ipvs.ipsets import IPSET_TABLE, ipset_name
 from pyproxy.ipvs.kernel import IpvsKernel, LinuxIpvsKernel, kernel_release
-from pyproxy.ipvs.plan import IpvsPlan, dry_run_text, normalize_scheduler, plan_ipvs
+from pyproxy.ipvs.plan import IpvsPlan, dry_run_text, plan_ipvs
 from pyproxy.ipvs.rules import IpvsRuleset, cleanup_document, cleanup_hooks, ipvs_jump_rules
 from pyproxy.model import IPFamily, NamespacedName
-from pyproxy.proxystate import ProxierConfig, ServicePortState
+from pyproxy.proxier import SyncResult
+from pyproxy.proxystate import LazyStates, ProxierConfig, ServiceStates
 
 logger = structlog.get_logger("pyproxy")
-
-ServiceStates = Mapping[NamespacedName, tuple[ServicePortState, ...]]
 
 #: Sysctls kube-proxy's ipvs mode sets (NewProxier), as (key, value).
 SYSCTLS: tuple[tuple[str, str], ...] = (
@@ -80,24 +79,6 @@ class IptablesLike(Protocol):
     def family(self) -> IPFamily: ...
     def save(self, tables: tuple[str, ...] = ...) -> str: ...
     def restore(self, document: str) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class IpvsSyncResult:
-    """What one sync did. The first seven fields match the iptables proxier's SyncResult."""
-
-    full: bool
-    restore_bytes: int
-    filter_rules: int
-    nat_rules: int
-    no_local_internal: int
-    no_local_external: int
-    services_written: int
-    virtual_servers: int
-    real_servers: int
-    operations: int
-    draining: int
-    ipset_bytes: int
 
 
 def prepare_host(*, release: Sequence[int] | None = None) -> list[str]:
@@ -177,10 +158,9 @@ class IpvsProxier:
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         set_sysctls: bool = True,
     ) -> None:
-        try:
-            self.scheduler = normalize_scheduler(scheduler)
-        except ValueError as err:
-            raise ConfigError(f"--ipvs-scheduler: {err}") from None
+        """`scheduler`: a scheduler name as `ProxyOptions.ipvs_scheduler` holds it (checked
+        and normalised once, when the flags are parsed)."""
+        self.scheduler = scheduler
         self.config = config
         self.iptables = iptables
         self._kernel = kernel
@@ -195,6 +175,10 @@ class IpvsProxier:
         self.last_plan: IpvsPlan | None = None
         self.last_diff: Diff | None = None
 
+    def canary_present(self) -> bool:
+        """Whether the KUBE-PROXY-CANARY chain of the last full sync is still there."""
+        return canary_exists(self.iptables)
+
     def plan(self, states: ServiceStates, kernel: IpvsKernel) -> IpvsPlan:
         ports = [p for ports in states.values() for p in ports]
         return plan_ipvs(
@@ -203,16 +187,19 @@ class IpvsProxier:
 
     def sync(
         self,
-        states: ServiceStates,
+        states: ServiceStates | LazyStates,
         changed: Collection[NamespacedName] | None = None,
         *,
         full: bool = False,
-    ) -> IpvsSyncResult:
+    ) -> SyncResult:
         """Make the kernel implement `states` (every Service of the family).
 
         IPVS mode always plans and diffs everything, so `changed` only decides whether this is
         a full sync: `full`, `changed` None or a failure since the last sync make it one (the
-        iptables rules are then rewritten with missing hooks and the canary chain)."""
+        iptables rules are then rewritten with missing hooks and the canary chain). The plan
+        needs every state first: `LazyStates` are computed completely before anything else."""
+        if isinstance(states, LazyStates):
+            states = states.complete()
         full = full or self.need_full_sync or changed is None
         self.need_full_sync = True  # until everything below has succeeded
         if not self._prepared and self._set_sysctls:
@@ -252,7 +239,7 @@ class IpvsProxier:
         self._written = plan.rules
         self.need_full_sync = False
         ipset_ops = [op for op in result.operations if isinstance(op, RestoreIpsets)]
-        return IpvsSyncResult(
+        return SyncResult(
             full=full,
             restore_bytes=len(document or ""),
             filter_rules=plan.rules.filter_rules,
@@ -260,11 +247,13 @@ class IpvsProxier:
             no_local_internal=len(plan.no_local_internal),
             no_local_external=len(plan.no_local_external),
             services_written=len(states),
-            virtual_servers=len(plan.virtual_servers),
-            real_servers=plan.real_server_count,
-            operations=len(result.operations),
-            draining=len(self.draining),
-            ipset_bytes=sum(len(op.text) for op in ipset_ops),
+            details={
+                "virtual_servers": len(plan.virtual_servers),
+                "real_servers": plan.real_server_count,
+                "operations": len(result.operations),
+                "draining": len(self.draining),
+                "ipset_bytes": sum(len(op.text) for op in ipset_ops),
+            },
         )
 
 
@@ -315,6 +304,25 @@ def cleanup(
     return CleanupResult(tuple(changed), deleted, destroyed, dummy, available)
 
 
+def cleanup_leftovers(backend: str) -> bool:
+    """ipvs mode's `--cleanup` on this host (see `cleanup`), with its log line."""
+    result = cleanup([Iptables(family, backend) for family in IPFamily])
+    logger.info(
+        "cleaned up ipvs mode",
+        iptables_changed=[f.value for f in result.iptables_changed],
+        virtual_servers_deleted=result.virtual_servers_deleted,
+        ipsets_destroyed=len(result.ipsets_destroyed),
+        dummy_deleted=result.dummy_deleted,
+        ipvs_available=result.ipvs_available,
+    )
+    return bool(
+        result.iptables_changed
+        or result.virtual_servers_deleted
+        or result.ipsets_destroyed
+        or result.dummy_deleted
+    )
+
+
 class _NoIptables:
     family = IPFamily.IPv4
 
@@ -329,9 +337,9 @@ __all__ = [
     "SYSCTLS",
     "CleanupResult",
     "IpvsProxier",
-    "IpvsSyncResult",
     "apply_operations",
     "cleanup",
+    "cleanup_leftovers",
     "dry_run_text",
     "prepare_host",
 ]

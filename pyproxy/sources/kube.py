@@ -58,7 +58,7 @@ class Consumer(Protocol):
 
     Calls come from three threads (one per kind), so the consumer is responsible for its own
     locking. Keep the methods short (record the change, wake the sync loop): a slow consumer
-    delays that kind's watch. `on_replace` runs with the cyclic GC paused (watch.gc_paused), so
+    delays that kind's watch. `on_replace` runs with the cyclic GC paused (gcpause.gc_paused), so
     converting a big list right there is cheap. An exception makes that kind relist after a
     backoff and deliver `on_replace` again, so a consumer can recover from its own bug, but it
     is logged as an error.

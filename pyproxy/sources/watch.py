@@ -21,7 +21,7 @@ part of client-go's reflector that a proxy needs, and nothing else:
   (reset by a complete list or a watch event) and `relist` for 410s and consumer failures (reset
   only by a watch event, so "list, 410, list, 410" slows down instead of spinning).
 - List pages are decoded, and the whole list handed to the consumer, with the cyclic GC paused
-  (`gc_paused`): it would otherwise double the cost of a 10,000-object relist.
+  (`pyproxy.gcpause.gc_paused`): it would otherwise double the cost of a 10,000-object relist.
 - Streaming lists (`sendInitialEvents=true`) are never used: they need etcd's watch-progress
   support, which not every cluster has.
 
@@ -32,7 +32,6 @@ an event and shuts down the socket of the request in flight, so a blocked read r
 from __future__ import annotations
 
 import contextlib
-import gc
 import random
 import threading
 import time
@@ -44,6 +43,8 @@ from typing import Any, Final, Protocol
 import orjson
 import structlog
 import urllib3
+
+from pyproxy.gcpause import gc_paused
 
 logger = structlog.get_logger("pyproxy.sources.watch")
 
@@ -95,41 +96,6 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = self._policy.initial
-
-
-class _GcPause:
-    """Pauses CPython's cyclic GC while a big list is decoded and handed over.
-
-    Decoding allocates hundreds of thousands of containers; each few hundred trigger a young
-    collection and every so often one that walks the whole heap, which roughly doubles the time
-    of a 10,000-object list (bench/decode.py has the figures). The GC is process-wide, so
-    overlapping pauses from the three watch threads are counted: it runs again when the last
-    one ends, and only if it was on before the first began.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._depth = 0
-        self._was_enabled = False
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._lock:
-            if self._depth == 0:
-                self._was_enabled = gc.isenabled()
-                gc.disable()
-            self._depth += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._depth -= 1
-                if self._depth == 0 and self._was_enabled:
-                    gc.enable()
-
-
-gc_paused: Final = _GcPause()
-"""`with gc_paused(): ...` runs the block with the cyclic GC off (nesting and threads are fine)."""
 
 
 class ApiConnection:

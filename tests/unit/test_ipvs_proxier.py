@@ -30,6 +30,7 @@ from pyproxy.ipvs.proxier import (
 )
 from pyproxy.model import IPAddress, IPFamily, NamespacedName
 from pyproxy.model import Protocol as L4
+from pyproxy.options import parse_options
 from pyproxy.proxystate import ProxierConfig, ServicePortState, desired_state
 
 ip = ipaddress.ip_address
@@ -256,9 +257,9 @@ def test_first_sync_programs_everything_in_the_safe_order() -> None:
     ]
     assert ("bind_address", "10.96.0.10") in kernel.calls
     assert result.full
-    assert result.virtual_servers == 2
-    assert result.real_servers == 4
-    assert result.operations == 9
+    assert result.details["virtual_servers"] == 2
+    assert result.details["real_servers"] == 4
+    assert result.details["operations"] == 9
     # A full sync inserts upstream's hooks (none exist yet) and the canary chain.
     (document,) = iptables.restored
     assert '-I INPUT 1 -m comment --comment "kubernetes ipvs access filter"' in document
@@ -276,7 +277,7 @@ def test_second_sync_with_the_same_state_writes_nothing() -> None:
     assert kernel.writes() == []
     assert len(iptables.restored) == 1
     assert not result.full
-    assert result.operations == 0
+    assert result.details["operations"] == 0
     assert result.restore_bytes == 0
 
 
@@ -405,9 +406,12 @@ def test_a_failing_ipset_restore_stops_before_iptables() -> None:
     assert "bind_address" not in [c[0] for c in kernel.calls]
 
 
-def test_unknown_scheduler_is_a_config_error() -> None:
+def test_unknown_scheduler_is_a_config_error_when_the_flags_are_parsed() -> None:
+    # Checked (and normalised) once, by parse_options; the proxier takes the result as it is.
     with pytest.raises(ConfigError, match="--ipvs-scheduler"):
-        IpvsProxier(CONFIG, FakeIptables(), scheduler="nope")
+        parse_options(["--ipvs-scheduler", "nope"])
+    assert parse_options(["--ipvs-scheduler", " wrr "]).ipvs_scheduler == "wrr"
+    assert parse_options(["--ipvs-scheduler", ""]).ipvs_scheduler == "rr"
 
 
 # --- graceful termination -------------------------------------------------------------------
@@ -429,7 +433,7 @@ def test_graceful_termination_with_an_injected_clock() -> None:
         ("update_real_server", "10.96.0.10:80/TCP", "10.0.2.1:8080", 0),
         ("delete_real_server", "192.168.0.2:30080/TCP", "10.0.2.1:8080"),
     ]
-    assert result.draining == 1
+    assert result.details["draining"] == 1
 
     # A minute later, still busy: nothing.
     clock.now += 60
@@ -443,7 +447,7 @@ def test_graceful_termination_with_an_injected_clock() -> None:
     kernel.calls.clear()
     result = p.sync(web("10.0.2.2"), changed=set())
     assert kernel.writes() == [("delete_real_server", "10.96.0.10:80/TCP", "10.0.2.1:8080")]
-    assert result.draining == 0
+    assert result.details["draining"] == 0
     assert p.draining == {}
 
 

@@ -27,6 +27,7 @@ import pytest
 import urllib3
 
 from pyproxy.errors import ConfigError
+from pyproxy.gcpause import gc_paused
 from pyproxy.sources.kube import (
     ENDPOINT_SLICES_PATH,
     NODES_PATH,
@@ -36,7 +37,7 @@ from pyproxy.sources.kube import (
     connect,
     load_configuration,
 )
-from pyproxy.sources.watch import ApiConnection, Backoff, BackoffPolicy, ListWatch, gc_paused
+from pyproxy.sources.watch import ApiConnection, Backoff, BackoffPolicy, ListWatch
 
 NO_JITTER = BackoffPolicy(initial=0.2, maximum=1.0, factor=2.0, jitter=0.0)
 PATH = "/api/v1/services"
