@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in ("explain", "trace"):
         # Operator tools: `pyproxy explain SERVICE ...`, `pyproxy trace --src ... --dst ...`.
-        from pyproxy import explain_cli
+        from pyproxy.explain import cli as explain_cli
 
         return (explain_cli.main if args[0] == "explain" else explain_cli.trace_main)(args[1:])
     try:
