@@ -171,15 +171,6 @@ class Trace:
             outs.append(str(self.filter_verdict))
         return ", ".join(outs)
 
-    @property
-    def matched_rules(self) -> tuple[str, ...]:
-        """Raw text of every rule that matched, in order (upstream's debugging list)."""
-        return tuple(
-            s.rule
-            for s in self.steps
-            if s.rule and s.action not in (StepAction.SKIPPED, StepAction.UNKNOWN)
-        )
-
     def describe(self) -> str:
         """Multi-line, indented human-readable path (what ``pyproxy trace`` prints)."""
         lines = [s.describe() for s in self.steps]
