@@ -11,7 +11,7 @@ of unchanged Services and only re-render what changed; `assemble_ruleset` stitch
 into one `*filter … COMMIT *nat … COMMIT` document, optionally leaving out the chains of
 Services that did not change (upstream's partial sync).
 
-Layout (see also ../shared/reference/kube-proxy.md, section b):
+Layout (upstream: `pkg/proxy/iptables/proxier.go`, `syncProxyRules`):
 
     nat PREROUTING/OUTPUT → KUBE-SERVICES ─┬─ cluster IP ─→ KUBE-SVC-/KUBE-SVL-* → KUBE-SEP-* (DNAT)
                                            ├─ external IP ─────────→ KUBE-EXT-* → SVC/SVL

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from unit_support import (
+from support import (
     GOLDEN_DIR,
     golden_args,
     load_objects,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import os
 
-from unit_support import (
+from support import (
     BASE_ARGS,
     TEST_NODE,
     cluster_of,

@@ -14,8 +14,8 @@ import re
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from unit_strategies import EndpointSpec, PortSpec, RandomState, random_states
-from unit_support import (
+from strategies import EndpointSpec, PortSpec, RandomState, random_states
+from support import (
     BASE_ARGS,
     EXTERNAL_CLIENT,
     EXTERNAL_CLIENT_IPV6,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from unit_strategies import RandomState, random_states
-from unit_support import GOLDEN_DIR, cluster_of, golden_args, load_objects
+from strategies import RandomState, random_states
+from support import GOLDEN_DIR, cluster_of, golden_args, load_objects
 
 from pyproxy.iptables.render import (
     StreamedRuleset,
