@@ -50,11 +50,6 @@ if TYPE_CHECKING:
     from pyproxy.sources.watch import ApiConnection
 
 
-#: One-shot lists (`list_objects`): page size and read timeout per page.
-_LIST_PAGE_SIZE = "500"
-_LIST_TIMEOUT = 60.0
-
-
 class _Forward(argparse.Action):
     """Collects a pyproxy flag (and its value) for `options.parse_options`."""
 
@@ -191,20 +186,15 @@ def _options(args: argparse.Namespace) -> ProxyOptions:
 def _list_path(
     api: ApiConnection, path: str, kind: str, label_selector: str = ""
 ) -> list[ApiObject]:
-    """Every object at `path`, page by page; items get their `kind` back."""
-    import orjson
+    """Every object at `path`, page by page (the proxy's own pager); items get their `kind`
+    back."""
     import urllib3
 
-    out: list[ApiObject] = []
-    token = ""
-    while True:
-        params = {"limit": _LIST_PAGE_SIZE}
-        if label_selector:
-            params["labelSelector"] = label_selector
-        if token:
-            params["continue"] = token
+    from pyproxy.sources.watch import LIST_READ_TIMEOUT, list_pages
+
+    def fetch(params: Mapping[str, str]) -> bytes:
         try:
-            response = api.get(path, params, read_timeout=_LIST_TIMEOUT)
+            response = api.get(path, params, read_timeout=LIST_READ_TIMEOUT)
             try:
                 body = response.read()
                 status = response.status
@@ -216,13 +206,16 @@ def _list_path(
             raise PyproxyError(
                 f"cannot list {path}: HTTP {status}: {body[:300].decode(errors='replace')}"
             )
-        decoded = orjson.loads(body)
-        for item in decoded.get("items") or ():
-            if isinstance(item, dict):
-                out.append(item if "kind" in item else {**item, "kind": kind})
-        token = (decoded.get("metadata") or {}).get("continue") or ""
-        if not token:
-            return out
+        return body
+
+    items, _resource_version = list_pages(
+        fetch, {"labelSelector": label_selector} if label_selector else {}
+    )
+    return [
+        item if "kind" in item else {**item, "kind": kind}
+        for item in items
+        if isinstance(item, dict)
+    ]
 
 
 def default_kubeconfig() -> str | None:

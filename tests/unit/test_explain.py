@@ -566,8 +566,16 @@ class _Api:
 def test_one_shot_list_pages_and_restores_kind() -> None:
     api = _Api(
         [
-            _Response(200, {"items": [{"metadata": {"name": "a"}}], "metadata": {"continue": "t"}}),
-            _Response(200, {"items": [{"metadata": {"name": "b"}}], "metadata": {}}),
+            _Response(
+                200,
+                {
+                    "items": [{"metadata": {"name": "a"}}],
+                    "metadata": {"resourceVersion": "7", "continue": "t"},
+                },
+            ),
+            _Response(
+                200, {"items": [{"metadata": {"name": "b"}}], "metadata": {"resourceVersion": "7"}}
+            ),
         ]
     )
     objects = explain_cli._list_path(api, "/api/v1/services", "Service", "x!=y")
@@ -576,12 +584,16 @@ def test_one_shot_list_pages_and_restores_kind() -> None:
         ("Service", "b"),
     ]
     assert api.calls == [
-        {"path": "/api/v1/services", "limit": "500", "labelSelector": "x!=y"},
-        {"path": "/api/v1/services", "limit": "500", "labelSelector": "x!=y", "continue": "t"},
+        {"path": "/api/v1/services", "limit": "5000", "labelSelector": "x!=y"},
+        {"path": "/api/v1/services", "limit": "5000", "labelSelector": "x!=y", "continue": "t"},
     ]
     forbidden = _Api([_Response(403, {"message": "nodes is forbidden"})])
     with pytest.raises(PyproxyError, match="HTTP 403"):
         explain_cli._list_path(forbidden, "/api/v1/nodes", "Node")
+    # Not a list (no metadata.resourceVersion): an error explain reports, not a traceback.
+    garbage = _Api([_Response(200, {"items": []})])
+    with pytest.raises(PyproxyError, match="malformed list response"):
+        explain_cli._list_path(garbage, "/api/v1/nodes", "Node")
 
 
 # --- drift -------------------------------------------------------------------------------
