@@ -22,8 +22,9 @@ from pyproxy import log, sysctl
 from pyproxy.errors import ConfigError, KernelError, PyproxyError, StateFileError
 from pyproxy.iptables.kernelview import KernelView, cleanup_document
 from pyproxy.iptables.proxier import IptablesProxier
-from pyproxy.iptables.render import jump_rules, render_ruleset
+from pyproxy.iptables.render import render_ruleset
 from pyproxy.iptables.restore import Iptables, detect_backend
+from pyproxy.iptables.vocabulary import jump_rules
 from pyproxy.model import ClusterState, IPFamily
 from pyproxy.options import ProxyOptions, parse_options, proxier_configs
 from pyproxy.proxystate import ProxierConfig, desired_state

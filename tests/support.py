@@ -17,9 +17,10 @@ from typing import Any
 
 from pyproxy.cli import dry_run
 from pyproxy.convert import state_from_objects
-from pyproxy.iptables.render import JumpRule, jump_rules, render_ruleset
 from pyproxy.iptables.render import Ruleset as RenderedRuleset
+from pyproxy.iptables.render import render_ruleset
 from pyproxy.iptables.tracer import Ruleset, Trace, parse_ruleset, trace_packet
+from pyproxy.iptables.vocabulary import JumpRule, jump_rules
 from pyproxy.model import ClusterState, IPFamily
 from pyproxy.options import parse_options, proxier_configs
 from pyproxy.proxystate import ProxierConfig, desired_state

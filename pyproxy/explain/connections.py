@@ -27,9 +27,13 @@ from pyproxy.explain.report import (
     port_label,
     trace_path,
 )
-from pyproxy.iptables.render import KUBE_EXTERNAL_SERVICES, KUBE_MARK_MASQ, KUBE_PROXY_FIREWALL
 from pyproxy.iptables.restore_text import Ruleset, parse_rule
 from pyproxy.iptables.tracer import Step, StepAction, Trace, Verdict, trace_packet
+from pyproxy.iptables.vocabulary import (
+    KUBE_EXTERNAL_SERVICES,
+    KUBE_MARK_MASQ,
+    KUBE_PROXY_FIREWALL,
+)
 from pyproxy.model import (
     IPAddress,
     IPFamily,

@@ -43,16 +43,15 @@ from pyproxy.explain.report import (
     port_label,
 )
 from pyproxy.iptables.render import (
-    KUBE_PROXY_FIREWALL,
     assemble_ruleset,
     is_large_cluster,
-    jump_rules,
     port_order,
     render_ruleset,
     render_service_port,
     service_order,
 )
 from pyproxy.iptables.restore_text import Ruleset, parse_ruleset
+from pyproxy.iptables.vocabulary import KUBE_PROXY_FIREWALL, jump_rules
 from pyproxy.model import (
     LABEL_SERVICE_PROXY_NAME,
     ClusterState,

@@ -13,7 +13,6 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pyproxy.iptables.render import is_service_chain
 from pyproxy.iptables.restore_text import (
     AddressMatch,
     MarkTarget,
@@ -24,6 +23,7 @@ from pyproxy.iptables.restore_text import (
     Table,
     parse_ruleset,
 )
+from pyproxy.iptables.vocabulary import is_service_chain
 from pyproxy.model import IPFamily
 
 

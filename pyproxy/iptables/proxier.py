@@ -24,14 +24,13 @@ from pyproxy.iptables.render import (
     ServicePortRules,
     StreamedRuleset,
     is_large_cluster,
-    is_service_chain,
-    jump_rules,
     port_order,
     render_service_port,
     service_order,
     stream_document,
 )
 from pyproxy.iptables.restore import Iptables
+from pyproxy.iptables.vocabulary import is_service_chain, jump_rules
 from pyproxy.model import NamespacedName
 from pyproxy.proxystate import LazyStates, ProxierConfig, ServicePortState, count_endpoints
 

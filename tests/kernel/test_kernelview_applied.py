@@ -17,7 +17,7 @@ from kernel_netns import BACKENDS, netns, run_in, tool
 from support import all_hooks, render_overall
 
 from pyproxy.iptables.kernelview import KernelView, cleanup_document
-from pyproxy.iptables.render import is_service_chain, jump_rules
+from pyproxy.iptables.vocabulary import is_service_chain, jump_rules
 
 # --- kernel: real save output -----------------------------------------------------------------
 

@@ -18,7 +18,8 @@ from kernel_netns import BACKENDS, netns, run_in, tool
 from strategies import RandomState, random_states
 from support import GOLDEN_DIR, cluster_of, golden_args, load_objects
 
-from pyproxy.iptables.render import jump_rules, render_ruleset
+from pyproxy.iptables.render import render_ruleset
+from pyproxy.iptables.vocabulary import jump_rules
 from pyproxy.options import parse_options, proxier_configs
 from pyproxy.proxystate import desired_state
 

@@ -36,8 +36,8 @@ from support import (
     without_hooks,
 )
 
-from pyproxy.iptables.render import is_service_chain
 from pyproxy.iptables.tracer import Rule, check_jumps, parse_ruleset, sort_ruleset_text
+from pyproxy.iptables.vocabulary import is_service_chain
 
 
 @dataclass(frozen=True)

@@ -36,13 +36,9 @@ from support import (
     without_hooks,
 )
 
-from pyproxy.iptables.render import (
-    JumpRule,
-    Ruleset,
-    jump_rules,
-    render_ruleset,
-)
+from pyproxy.iptables.render import Ruleset, render_ruleset
 from pyproxy.iptables.tracer import check_jumps, parse_ruleset
+from pyproxy.iptables.vocabulary import JumpRule, jump_rules
 from pyproxy.model import IPFamily
 from pyproxy.options import parse_options, proxier_configs
 from pyproxy.proxystate import ProxierConfig, desired_state
