@@ -114,6 +114,9 @@ def _source_kind(ip: IPAddress, config: ProxierConfig) -> SourceKind:
 
 @dataclass(frozen=True, slots=True)
 class Target:
+    """One address:port a client may use to reach the Service (cluster IP, a node IP's
+    NodePort, an external or load-balancer IP)."""
+
     kind: AddressKind
     address: IPAddress
     port: int

@@ -41,6 +41,9 @@ from pyproxy.serviceport import EndpointInfo, ServicePortName
 
 @dataclass(frozen=True, slots=True)
 class ServiceContext:
+    """What the endpoint, connection and diagnosis code read about the Service explained: its
+    spec, the node's config per family, and the policy's choice per service port."""
+
     service: Service
     extras: ServiceExtras
     configs: Mapping[IPFamily, ProxierConfig]
