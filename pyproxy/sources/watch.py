@@ -140,7 +140,6 @@ gc_paused: Final = _GcPause()
 """`with gc_paused(): ...` runs the block with the cyclic GC off (nesting and threads are fine)."""
 
 
-
 class MalformedList(PyproxyError):
     """A list page that is not a Kubernetes list (JSON with `metadata.resourceVersion`)."""
 
