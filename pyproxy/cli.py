@@ -22,8 +22,9 @@ from pyproxy.errors import ConfigError, KernelError, PyproxyError, StateFileErro
 from pyproxy.hostnet import host_addresses
 from pyproxy.iptables.proxier import IptablesProxier
 from pyproxy.iptables.proxier import cleanup_leftovers as iptables_cleanup
-from pyproxy.iptables.render import jump_rules, render_ruleset
+from pyproxy.iptables.render import render_ruleset
 from pyproxy.iptables.restore import Iptables, detect_backend
+from pyproxy.iptables.vocabulary import jump_rules
 from pyproxy.model import ClusterState, IPFamily
 from pyproxy.nodeconfig import node_configs, prepare_host
 from pyproxy.options import ProxyOptions, parse_options
@@ -240,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in ("explain", "trace"):
         # Operator tools: `pyproxy explain SERVICE ...`, `pyproxy trace --src ... --dst ...`.
-        from pyproxy import explain_cli
+        from pyproxy.explain import cli as explain_cli
 
         return (explain_cli.main if args[0] == "explain" else explain_cli.trace_main)(args[1:])
     try:

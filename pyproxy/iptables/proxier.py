@@ -28,14 +28,13 @@ from pyproxy.iptables.render import (
     ServicePortRules,
     StreamedRuleset,
     is_large_cluster,
-    is_service_chain,
-    jump_rules,
     port_order,
     render_service_port,
     service_order,
     stream_document,
 )
 from pyproxy.iptables.restore import Iptables, canary_exists
+from pyproxy.iptables.vocabulary import is_service_chain, jump_rules
 from pyproxy.model import IPFamily, NamespacedName
 from pyproxy.proxier import FULL_SYNC_PERIOD, SyncResult
 from pyproxy.proxystate import (

@@ -6,7 +6,7 @@ calling thread, like the iptables adapter. `IpvsKernel` is the interface the pro
 that records calls stands in for it in unit tests. Foreign errors (netlink, OSError, a failed
 `ipset`) become KernelError here.
 
-Traps avoided (see ../shared/reference/dependencies.md): pyroute2's IPVSDest defaults to direct
+Traps avoided (pyroute2 0.9): pyroute2's IPVSDest defaults to direct
 routing, so every real server is written with fwd_method 0 (masquerade/NAT); its "update"
 command sends a delete, so changes use "set"; the scheduler is always passed explicitly. Kernel
 messages are read from their raw attributes (IPVSDest.from_message does not map everything).

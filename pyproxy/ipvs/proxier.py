@@ -171,8 +171,7 @@ class IpvsProxier:
         self._written: IpvsRuleset | None = None
         self.draining: Mapping[RealServerRef, float] = {}
         self.need_full_sync = True
-        #: The last sync's plan and diff, for logs, tests and `explain`.
-        self.last_plan: IpvsPlan | None = None
+        #: The last sync's diff, for logs and tests.
         self.last_diff: Diff | None = None
 
     def canary_present(self) -> bool:
@@ -227,7 +226,7 @@ class IpvsProxier:
                 drain_timeout=self.drain_timeout,
                 iptables_document=document,
             )
-            self.last_plan, self.last_diff = plan, result
+            self.last_diff = result
             self.draining = result.draining
             for op in result.operations:
                 if isinstance(op, (DrainRealServer, DeleteRealServer, DeleteVirtualServer)):

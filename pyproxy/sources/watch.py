@@ -44,6 +44,7 @@ import orjson
 import structlog
 import urllib3
 
+from pyproxy.errors import PyproxyError
 from pyproxy.gcpause import gc_paused
 
 logger = structlog.get_logger("pyproxy.sources.watch")
@@ -52,7 +53,13 @@ ApiObject = dict[str, Any]
 """One decoded API object (a Service, an EndpointSlice, a Node ...), as orjson returns it."""
 
 _READ_SIZE: Final = 256 * 1024
-_LIST_READ_TIMEOUT: Final = 60.0
+#: Objects per list page, for the proxy's list+watch and for `pyproxy explain`'s one-shot lists.
+#: client-go's reflector asks for 500 but lists from the watch cache (resourceVersion=0), which
+#: ignores the limit; 20 sequential pages of 500 EndpointSlices cost kube-apiserver twice the
+#: time of 2 pages of 5,000 (0.83 s against 0.43 s at 10,000 slices).
+LIST_PAGE_SIZE: Final = 5000
+#: Read timeout of one list page.
+LIST_READ_TIMEOUT: Final = 60.0
 # The server ends a watch after timeoutSeconds; no byte for this much longer means a dead peer.
 _WATCH_READ_GRACE: Final = 30.0
 
@@ -96,6 +103,40 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = self._policy.initial
+
+
+class MalformedList(PyproxyError):
+    """A list page that is not a Kubernetes list (JSON with `metadata.resourceVersion`)."""
+
+
+def list_pages(
+    fetch: Callable[[Mapping[str, str]], bytes],
+    params: Mapping[str, str],
+    page_size: int = LIST_PAGE_SIZE,
+) -> tuple[list[ApiObject], str]:
+    """Every item of a paginated list, and the list's resourceVersion.
+
+    The one pager of the project (the proxy's list+watch, `pyproxy explain`): GET with `limit`,
+    then with each `continue` token until the server gives none. `fetch` GETs one page with
+    the given query parameters and returns its body; its errors are the caller's own. Pages
+    are decoded with the cyclic GC paused (`gc_paused`). Raises MalformedList.
+    """
+    items: list[ApiObject] = []
+    query = {**params, "limit": str(page_size)}
+    while True:
+        body = fetch(query)
+        try:
+            with gc_paused():
+                page = orjson.loads(body)
+            items.extend(page.get("items") or ())
+            metadata = page["metadata"]
+            resource_version: str = metadata["resourceVersion"]
+            continue_token = metadata.get("continue") or ""
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError) as err:
+            raise MalformedList(f"malformed list response: {err!r}") from err
+        if not continue_token:
+            return items, resource_version
+        query["continue"] = continue_token
 
 
 class ApiConnection:
@@ -186,7 +227,7 @@ class ListWatch:
         *,
         label_selector: str = "",
         field_selector: str = "",
-        page_size: int = 500,
+        page_size: int = LIST_PAGE_SIZE,
         watch_timeout: float = 300.0,
         backoff: BackoffPolicy = DEFAULT_BACKOFF,
         sleep: Callable[[float], object] | None = None,
@@ -350,29 +391,20 @@ class ListWatch:
     def _list(self) -> None:
         """All pages of the list to the handler at once; then watch from the list's RV."""
         started = time.monotonic()
-        items: list[ApiObject] = []
-        params = self._selectors()
-        params["limit"] = str(self.page_size)
-        while True:
-            response = self._open(params, _LIST_READ_TIMEOUT)
+
+        def fetch(params: Mapping[str, str]) -> bytes:
+            response = self._open(params, LIST_READ_TIMEOUT)
             try:
-                body = response.read()
+                return response.read()
             except (urllib3.exceptions.HTTPError, OSError) as err:
                 raise self._read_failed(err) from err
             finally:
                 self._close(response)
-            try:
-                with gc_paused():
-                    page = orjson.loads(body)
-                items.extend(page.get("items") or ())
-                metadata = page["metadata"]
-                resource_version = metadata["resourceVersion"]
-                continue_token = metadata.get("continue") or ""
-            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError) as err:
-                raise _Unavailable(f"malformed list response: {err!r}") from err
-            if not continue_token:
-                break
-            params["continue"] = continue_token
+
+        try:
+            items, resource_version = list_pages(fetch, self._selectors(), self.page_size)
+        except MalformedList as err:
+            raise _Unavailable(str(err)) from err
         if self._stopping.is_set():
             raise _Stopped
         try:

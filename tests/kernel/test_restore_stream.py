@@ -27,7 +27,6 @@ from pyproxy.iptables.render import (
     StreamedRuleset,
     assemble_ruleset,
     is_large_cluster,
-    jump_rules,
     port_order,
     render_service_port,
     service_order,
@@ -35,6 +34,7 @@ from pyproxy.iptables.render import (
 )
 from pyproxy.iptables.restore import Iptables
 from pyproxy.iptables.restore_text import parse_ruleset
+from pyproxy.iptables.vocabulary import jump_rules
 from pyproxy.model import IPFamily
 from pyproxy.options import parse_options, proxier_configs
 from pyproxy.proxystate import count_endpoints, desired_state

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from controller_fakes import Harness, make_controller
-from unit_support import endpoint_slice, node, service
+from support import endpoint_slice, node, service
 
 from pyproxy.errors import RestoreError
 from pyproxy.model import IPFamily, NamespacedName

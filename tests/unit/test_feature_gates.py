@@ -9,7 +9,7 @@ LoadBalancerIPMode is GA and locked on (1.32).
 from __future__ import annotations
 
 import pytest
-from unit_support import (
+from support import (
     BASE_ARGS,
     EXTERNAL_CLIENT,
     TEST_NODE,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
-from unit_support import GOLDEN_DIR
+from support import GOLDEN_DIR
 
 MANIFEST = GOLDEN_DIR / "REVIEWED"
 #: The expected outputs checked by tests/unit/test_golden.py, tests/unit/test_explain.py and

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pytest
-from unit_support import TEST_NODE, cluster_of, endpoint, endpoint_slice, port, service, slice_port
+from support import TEST_NODE, cluster_of, endpoint, endpoint_slice, port, service, slice_port
 
 from pyproxy.ipvs import ipsets
 from pyproxy.ipvs.diff import (

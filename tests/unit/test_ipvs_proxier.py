@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any
 
 import pytest
-from unit_support import TEST_NODE, cluster_of, endpoint, endpoint_slice, port, service, slice_port
+from support import TEST_NODE, cluster_of, endpoint, endpoint_slice, port, service, slice_port
 
 from pyproxy import sysctl
 from pyproxy.errors import ConfigError, KernelError, RestoreError

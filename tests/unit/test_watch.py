@@ -480,7 +480,7 @@ def test_gone_event_relists_and_replaces_the_whole_set(
         ("ADDED", "d"),
     ]
     lists = fake_api.requests_for(PATH, watch=False)
-    assert [r.params for r in lists] == [{"limit": "500"}, {"limit": "500"}]
+    assert [r.params for r in lists] == [{"limit": "5000"}, {"limit": "5000"}]
     watches = fake_api.requests_for(PATH, watch=True)
     assert [w.params["resourceVersion"] for w in watches] == ["5", "50"]
     assert sleeps.delays == [0.2]  # the relist backoff, reset by the event before the 410
