@@ -66,9 +66,10 @@ class Stream:
 @dataclass
 class Raw:
     """Bytes as a broken server, or a proxy in front of it, would send them: any status and
-    content type; the body as one chunk of a chunked stream or whole with a Content-Length
-    (`declared` announces more than is sent); then a clean end, a cut (FIN, no terminating
-    chunk) or a reset (RST)."""
+    content type; the body as one chunk of a chunked stream, or whole with a Content-Length
+    (`declared` announces more than is sent) or, `declared=-1`, with none (the body ends when
+    the connection does); then a clean end, a cut (FIN, no terminating chunk) or a reset
+    (RST)."""
 
     body: bytes
     status: int = 200
@@ -178,7 +179,8 @@ def make_handler(api: FakeApi) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Transfer-Encoding", "chunked")
             else:
                 declared = len(reply.body) if reply.declared is None else reply.declared
-                self.send_header("Content-Length", str(declared))
+                if declared >= 0:
+                    self.send_header("Content-Length", str(declared))
             self.end_headers()
             if reply.chunked and reply.body:
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(reply.body), reply.body))
@@ -669,6 +671,7 @@ def line(event_: dict[str, Any]) -> bytes:
     return json.dumps(event_).encode() + b"\n"
 
 
+@pytest.mark.parametrize("unframed", [False, True], ids=["chunked", "until-close"])
 @pytest.mark.parametrize("end", ["cut", "reset"])
 @pytest.mark.parametrize("cut_at", ["half", "before-newline"])
 def test_a_watch_cut_mid_event_applies_nothing_of_it_and_resumes(
@@ -681,15 +684,18 @@ def test_a_watch_cut_mid_event_applies_nothing_of_it_and_resumes(
     logs: list[MutableMapping[str, Any]],
     end: Literal["cut", "reset"],
     cut_at: str,
+    unframed: bool,
 ) -> None:
     """Cut inside an event, even just before its newline (the bytes then parse as a whole
-    event): the event is not applied from the broken stream but asked for again."""
+    event): the event is not applied from the broken stream but asked for again. Chunked, the
+    cut is an HTTP error; with no framing (a body that ends with the connection, as an HTTP/1.0
+    proxy sends it) only the missing newline tells."""
     whole = line(event("ADDED", "c", "7"))
     partial = whole[: len(whole) // 2] if cut_at == "half" else whole[:-1]
     fake_api.on_list(PATH, page(["a"], "5"))
     fake_api.on_watch(
         PATH,
-        Raw(partial, end=end),
+        Raw(partial, end=end, chunked=not unframed, declared=-1 if unframed else None),
         Stream([event("ADDED", "c", "7"), event("DELETED", "a", "8")]),
     )
     lw = running(list_watch(conn, recorder, sleeps))
