@@ -1,7 +1,8 @@
 """The list+watch layer against a scripted fake API server (stdlib http.server on 127.0.0.1).
 
 Each test scripts the server's answers per resource path (list pages, chunked watch streams with
-events and bookmarks, 410 Gone, 5xx, a connection dropped mid-stream) and checks what the
+events and bookmarks, 410 Gone, 5xx, a connection dropped mid-stream; and raw faults: a body cut
+or reset inside an event, garbage lines, HTML error pages, truncated JSON) and checks what the
 consumer saw, which requests were made (resourceVersion, continue, selectors) and which backoff
 delays were waited (the sleep is injected, so nothing here really waits for a backoff).
 """
