@@ -205,7 +205,7 @@ class _Stopped(Exception):
 
 
 class _CutMidEvent(Exception):
-    """The watch body ended inside an event (no newline after its last bytes)."""
+    """The watch body ended or broke inside an event (bytes after the last newline)."""
 
 
 def _status_message(status: int, body: bytes) -> str:
