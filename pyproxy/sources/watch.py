@@ -20,6 +20,14 @@ part of client-go's reflector that a proxy needs, and nothing else:
   Two backoffs keep this free of hot loops: `reconnect` for an unreachable or failing server
   (reset by a complete list or a watch event) and `relist` for 410s and consumer failures (reset
   only by a watch event, so "list, 410, list, 410" slows down instead of spinning).
+- Faults in what arrives are never applied (the watch stream is the only record of changes, and
+  the consumer programs from it): a body cut before an event's newline, a line that is not a
+  JSON event, an event whose object is not an object with metadata, a list that is not a
+  complete ListMeta+items document (an HTML error page from a proxy, truncated JSON). Each is
+  logged with the resource and the fault, and the watch resumes from the last resourceVersion
+  that was handed over (the failed list is retried from its first page), so the event that
+  broke is asked for again and nothing the consumer has is dropped on the way. An event of an
+  unknown type is logged and skipped, as client-go's reflector does.
 - List pages are decoded, and the whole list handed to the consumer, with the cyclic GC paused
   (`pyproxy.gcpause.gc_paused`): it would otherwise double the cost of a 10,000-object relist.
 - Streaming lists (`sendInitialEvents=true`) are never used: they need etcd's watch-progress
@@ -62,6 +70,8 @@ LIST_PAGE_SIZE: Final = 5000
 LIST_READ_TIMEOUT: Final = 60.0
 # The server ends a watch after timeoutSeconds; no byte for this much longer means a dead peer.
 _WATCH_READ_GRACE: Final = 30.0
+# The event types whose object is an API object (with metadata.resourceVersion).
+_OBJECT_EVENTS: Final = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK")
 
 
 class WatchHandler(Protocol):
@@ -128,12 +138,25 @@ def list_pages(
         try:
             with gc_paused():
                 page = orjson.loads(body)
-            items.extend(page.get("items") or ())
+            page_items = page.get("items") or []
             metadata = page["metadata"]
             resource_version: str = metadata["resourceVersion"]
             continue_token = metadata.get("continue") or ""
+            # A page the consumer cannot take whole must not reach it: on_replace drops every
+            # object not in the list, so a partial or garbled list would delete rules.
+            if not (
+                isinstance(page_items, list)
+                and all(isinstance(item, dict) for item in page_items)
+                and isinstance(resource_version, str)
+                and resource_version
+                and isinstance(continue_token, str)
+            ):
+                raise TypeError("items is not a list of objects or metadata is incomplete")
+            items.extend(page_items)
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError) as err:
-            raise MalformedList(f"malformed list response: {err!r}") from err
+            raise MalformedList(
+                f"malformed list response: {err!r}; body starts {body[:80]!r}"
+            ) from err
         if not continue_token:
             return items, resource_version
         query["continue"] = continue_token
@@ -199,6 +222,10 @@ class _HandlerFailed(Exception):
 
 class _Stopped(Exception):
     """stop() was called."""
+
+
+class _CutMidEvent(Exception):
+    """The watch body ended or broke inside an event (bytes after the last newline)."""
 
 
 def _status_message(status: int, body: bytes) -> str:
@@ -450,13 +477,24 @@ class ListWatch:
                     event = orjson.loads(line)
                     event_type = event["type"]
                     obj = event["object"]
+                    if not isinstance(obj, dict):
+                        raise TypeError(f"object is {type(obj).__name__}, not an object")
+                    metadata = obj.get("metadata")
+                    if event_type in _OBJECT_EVENTS and not isinstance(metadata, dict):
+                        raise TypeError(f"{event_type} object has no metadata")
                 except (orjson.JSONDecodeError, KeyError, TypeError) as err:
-                    self._log.warning("malformed watch event; reconnecting", error=repr(err))
+                    # Skipping it would lose a change for good; resuming from the last good
+                    # resourceVersion asks for this event again (with backoff if it recurs).
+                    self._log.warning(
+                        "malformed watch event; resuming from the last resourceVersion",
+                        error=repr(err),
+                        line=line[:120].decode(errors="replace"),
+                        resource_version=self._resource_version,
+                    )
                     return progress
                 if event_type == "ERROR":
-                    status = obj if isinstance(obj, dict) else {}
-                    code = status.get("code")
-                    message = f"ERROR event {code}: {status.get('message', '')}"
+                    code = obj.get("code")
+                    message = f"ERROR event {code}: {obj.get('message', '')}"
                     if code == 410:
                         raise _Expired(message)
                     self._log.warning("watch error event; reconnecting", error=message)
@@ -465,24 +503,36 @@ class ListWatch:
                     progress = True
                     self._reconnect.reset()
                     self._relist.reset()
-                try:
-                    resource_version = obj["metadata"]["resourceVersion"]
-                except (KeyError, TypeError):
-                    resource_version = None
+                resource_version = metadata.get("resourceVersion") if metadata else None
                 if event_type in ("ADDED", "MODIFIED", "DELETED"):
                     try:
                         self.handler.on_event(event_type, obj)
                     except Exception as err:
                         raise _HandlerFailed from err
                 elif event_type != "BOOKMARK":
-                    self._log.warning("unknown watch event type ignored", event_type=event_type)
+                    self._log.warning(
+                        "unknown watch event type ignored", event_type=repr(event_type)[:40]
+                    )
                 if isinstance(resource_version, str) and resource_version:
                     self._resource_version = resource_version
+        except _CutMidEvent as err:
+            if self._stopping.is_set():
+                raise _Stopped from err
+            self._log.warning(
+                "watch stream cut mid-event; resuming from the last resourceVersion",
+                error=str(err),
+                resource_version=self._resource_version,
+            )
         except (urllib3.exceptions.HTTPError, OSError) as err:
             failure = self._read_failed(err)
             if isinstance(failure, _Stopped):
                 raise failure from err
-            self._log.info("watch stream broken", error=str(failure), progress=progress)
+            self._log.info(
+                "watch stream broken; resuming from the last resourceVersion",
+                error=str(failure),
+                progress=progress,
+                resource_version=self._resource_version,
+            )
         finally:
             self._close(response)
         return progress
@@ -491,12 +541,23 @@ class ListWatch:
 def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
     """The non-empty lines of a streamed body, each as soon as its newline has arrived.
 
+    Raises _CutMidEvent when the body ends or breaks after bytes with no newline: the API server
+    ends every event with one, so those bytes are the start of an event whose connection was cut
+    (they may even parse, as a prefix of a number does, and must not be applied).
+
     `read1` returns what one chunk of the chunked body holds instead of waiting for a full
     buffer, so an event is seen when the server flushes it, not when 256 KiB have piled up.
     """
     buffer = b""
     while True:
-        data = response.read1(_READ_SIZE)
+        try:
+            data = response.read1(_READ_SIZE)
+        except (urllib3.exceptions.HTTPError, OSError) as err:
+            if buffer.strip():
+                raise _CutMidEvent(
+                    f"the stream broke {len(buffer)} bytes into an event: {err}"
+                ) from err
+            raise
         if not data:
             break
         buffer += data
@@ -509,4 +570,4 @@ def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
             end = buffer.find(b"\n", start)
         buffer = buffer[start:]
     if buffer.strip():
-        yield buffer
+        raise _CutMidEvent(f"the body ended {len(buffer)} bytes into an event")
