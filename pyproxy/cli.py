@@ -93,14 +93,13 @@ def _sync_configs(options: ProxyOptions, cluster: ClusterState) -> tuple[Proxier
 
 
 def sync_once_ipvs(options: ProxyOptions, cluster: ClusterState, backend: str) -> None:
-    from pyproxy.ipvs.proxier import IpvsProxier
+    from pyproxy.ipvs.proxier import new_ipvs_proxier
 
     # No prepare_kernel: ipvs mode has no localhost NodePorts and no INVALID rule; the
-    # proxier sets its own sysctls (net.ipv4.vs.*, ip_forward) on its first sync.
+    # proxier sets its own sysctls (net.ipv4.vs.*, ip_forward, strict ARP) and the IPVS
+    # timeouts on its first sync.
     for config in _sync_configs(options, cluster):
-        proxier = IpvsProxier(
-            config, Iptables(config.family, backend), scheduler=options.ipvs_scheduler
-        )
+        proxier = new_ipvs_proxier(config, Iptables(config.family, backend), options)
         result = proxier.sync(desired_state(cluster, config))
         logger.info(
             "synced",

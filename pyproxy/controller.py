@@ -30,7 +30,7 @@ from pyproxy.errors import PyproxyError, RestoreError
 from pyproxy.healthcheck import HealthzServer, ProxyHealth, ServiceHealthServer
 from pyproxy.iptables.proxier import FULL_SYNC_PERIOD, IptablesProxier, SyncResult
 from pyproxy.iptables.restore import Iptables, canary_exists
-from pyproxy.ipvs.proxier import IpvsProxier, IpvsSyncResult
+from pyproxy.ipvs.proxier import IpvsProxier, IpvsSyncResult, new_ipvs_proxier
 from pyproxy.metrics import Metrics, MetricsServer
 from pyproxy.model import IPAddress, IPFamily, NamespacedName
 from pyproxy.model import Protocol as L4
@@ -306,7 +306,7 @@ class Controller:
     def _new_proxier(self, config: ProxierConfig) -> IptablesProxier | IpvsProxier:
         iptables = Iptables(config.family, self.backend)
         if self.options.proxy_mode == "ipvs":
-            return IpvsProxier(config, iptables, scheduler=self.options.ipvs_scheduler)
+            return new_ipvs_proxier(config, iptables, self.options)
         return IptablesProxier(config, iptables)
 
     def _prepare(self, changes: Changes) -> bool:

@@ -11,8 +11,14 @@ IPVS has no partial sync (upstream's neither): the plan is always complete, and 
 touches only what differs. The iptables rules are written on a full sync (with missing hooks
 and the canary chain) and otherwise only when they changed. A real server that is draining
 (see diff.py) is re-examined on every sync; the controller's periodic sync (at most
---iptables-sync-period apart) plays the part of upstream's one-minute graceful-termination
+--ipvs-sync-period apart) plays the part of upstream's one-minute graceful-termination
 timer. Any failure makes the next sync a full one.
+
+Node-wide settings are made on the first sync, as upstream's NewProxier makes them: the
+sysctls (with --ipvs-strict-arp, arp_ignore/arp_announce too) and, when one of
+--ipvs-tcp-timeout/--ipvs-tcpfin-timeout/--ipvs-udp-timeout is set, IPVS's timeouts (a failure
+there is logged and the sync goes on, as upstream). `new_ipvs_proxier` builds a proxier as the
+flags configure it.
 """
 
 from __future__ import annotations
@@ -48,10 +54,11 @@ from pyproxy.ipvs.diff import (
     diff,
 )
 from pyproxy.ipvs.ipsets import IPSET_TABLE, ipset_name
-from pyproxy.ipvs.kernel import IpvsKernel, LinuxIpvsKernel, kernel_release
+from pyproxy.ipvs.kernel import IpvsKernel, IpvsTimeouts, LinuxIpvsKernel, kernel_release
 from pyproxy.ipvs.plan import IpvsPlan, dry_run_text, normalize_scheduler, plan_ipvs
 from pyproxy.ipvs.rules import IpvsRuleset, cleanup_document, cleanup_hooks, ipvs_jump_rules
-from pyproxy.model import IPFamily, NamespacedName
+from pyproxy.model import IPFamily, IPNetwork, NamespacedName
+from pyproxy.options import ProxyOptions
 from pyproxy.proxystate import ProxierConfig, ServicePortState
 
 logger = structlog.get_logger("pyproxy")
@@ -71,6 +78,13 @@ SYSCTLS: tuple[tuple[str, str], ...] = (
 )
 #: conn_reuse_mode=0 only where it is needed and harmless (upstream: kernels >= 4.1, < 5.9).
 CONN_REUSE_MODE_KERNELS = ((4, 1), (5, 9))
+#: --ipvs-strict-arp (upstream's sysctlArpIgnore/sysctlArpAnnounce): answer ARP only for
+#: addresses on the receiving interface, and announce the best local source address, so the
+#: service addresses bound on kube-ipvs0 are not announced to the LAN (MetalLB's L2 mode).
+STRICT_ARP_SYSCTLS: tuple[tuple[str, str], ...] = (
+    ("net.ipv4.conf.all.arp_ignore", "1"),
+    ("net.ipv4.conf.all.arp_announce", "2"),
+)
 
 
 class IptablesLike(Protocol):
@@ -100,7 +114,7 @@ class IpvsSyncResult:
     ipset_bytes: int
 
 
-def prepare_host(*, release: Sequence[int] | None = None) -> list[str]:
+def prepare_host(*, release: Sequence[int] | None = None, strict_arp: bool = False) -> list[str]:
     """Set ipvs mode's sysctls in this network namespace; returns the ones changed."""
     if sysctl.read("net.ipv4.vs.conntrack") is None:
         raise KernelError(
@@ -111,6 +125,8 @@ def prepare_host(*, release: Sequence[int] | None = None) -> list[str]:
     low, high = CONN_REUSE_MODE_KERNELS
     if low <= version < high:
         wanted.append(("net.ipv4.vs.conn_reuse_mode", "0"))
+    if strict_arp:
+        wanted.extend(STRICT_ARP_SYSCTLS)
     return [f"{key}={value}" for key, value in wanted if sysctl.ensure(key, value)]
 
 
@@ -176,6 +192,9 @@ class IpvsProxier:
         clock: Callable[[], float] = time.monotonic,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         set_sysctls: bool = True,
+        exclude_cidrs: Sequence[IPNetwork] = (),
+        strict_arp: bool = False,
+        timeouts: IpvsTimeouts = IpvsTimeouts(),  # noqa: B008 - frozen, so a safe default
     ) -> None:
         try:
             self.scheduler = normalize_scheduler(scheduler)
@@ -187,6 +206,10 @@ class IpvsProxier:
         self._clock = clock
         self.drain_timeout = drain_timeout
         self._set_sysctls = set_sysctls
+        #: --ipvs-exclude-cidrs of this family (upstream's filterCIDRs).
+        self.exclude_cidrs = tuple(c for c in exclude_cidrs if IPFamily.of(c) is config.family)
+        self.strict_arp = strict_arp
+        self.timeouts = timeouts
         self._prepared = False
         self._written: IpvsRuleset | None = None
         self.draining: Mapping[RealServerRef, float] = {}
@@ -215,12 +238,15 @@ class IpvsProxier:
         iptables rules are then rewritten with missing hooks and the canary chain)."""
         full = full or self.need_full_sync or changed is None
         self.need_full_sync = True  # until everything below has succeeded
-        if not self._prepared and self._set_sysctls:
-            changed_sysctls = prepare_host()
+        first = not self._prepared
+        if first and self._set_sysctls:
+            changed_sysctls = prepare_host(strict_arp=self.strict_arp)
             if changed_sysctls:
                 logger.info("set sysctls for IPVS mode", sysctls=changed_sysctls)
         self._prepared = True
         with self._kernel() as kernel:
+            if first and self.timeouts:
+                self._set_timeouts(kernel)
             kernel.ensure_dummy()
             plan = self.plan(states, kernel)
             state = kernel.read_state()
@@ -239,6 +265,7 @@ class IpvsProxier:
                 now=self._clock(),
                 drain_timeout=self.drain_timeout,
                 iptables_document=document,
+                exclude_cidrs=self.exclude_cidrs,
             )
             self.last_plan, self.last_diff = plan, result
             self.draining = result.draining
@@ -266,6 +293,35 @@ class IpvsProxier:
             draining=len(self.draining),
             ipset_bytes=sum(len(op.text) for op in ipset_ops),
         )
+
+    def _set_timeouts(self, kernel: IpvsKernel) -> None:
+        # Upstream (NewProxier) logs a failure and goes on: the timeouts are a tuning, and
+        # Services must not stay unprogrammed because of them.
+        try:
+            kernel.set_timeouts(self.timeouts)
+        except KernelError as err:
+            logger.error(
+                "cannot set the IPVS timeouts", timeouts=str(self.timeouts), error=str(err)
+            )
+        else:
+            logger.info("set the IPVS timeouts", timeouts=str(self.timeouts))
+
+
+def new_ipvs_proxier(
+    config: ProxierConfig, iptables: Iptables, options: ProxyOptions
+) -> IpvsProxier:
+    """The IPVS proxier of one family as the flags configure it (--ipvs-scheduler,
+    --ipvs-exclude-cidrs, --ipvs-strict-arp, the --ipvs-*-timeout flags)."""
+    return IpvsProxier(
+        config,
+        iptables,
+        scheduler=options.ipvs_scheduler,
+        exclude_cidrs=options.ipvs_exclude_cidrs,
+        strict_arp=options.ipvs_strict_arp,
+        timeouts=IpvsTimeouts.from_seconds(
+            options.ipvs_tcp_timeout, options.ipvs_tcpfin_timeout, options.ipvs_udp_timeout
+        ),
+    )
 
 
 # --- --cleanup ----------------------------------------------------------------------------
@@ -326,6 +382,7 @@ class _NoIptables:
 
 
 __all__ = [
+    "STRICT_ARP_SYSCTLS",
     "SYSCTLS",
     "CleanupResult",
     "IpvsProxier",
@@ -333,5 +390,6 @@ __all__ = [
     "apply_operations",
     "cleanup",
     "dry_run_text",
+    "new_ipvs_proxier",
     "prepare_host",
 ]
