@@ -21,7 +21,14 @@ from pathlib import Path
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "tests" / "golden"
 MANIFEST = GOLDEN_DIR / "REVIEWED"
 #: Expected outputs (the inputs, *.yaml, are what a test feeds in, not what it checks).
-PATTERNS = ("*.rules", "*.txt", "explain/*.json", "explain/*.save")
+PATTERNS = (
+    "*.rules",
+    "*.txt",
+    "explain/*.json",
+    "explain/*.save",
+    "nftables/*.nft",
+    "nftables/*.txt",
+)
 
 
 def golden_files() -> list[str]:

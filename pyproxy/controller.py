@@ -26,6 +26,7 @@ import structlog
 from pyproxy import sysctl
 from pyproxy.changes import Changes, ChangeTracker
 from pyproxy.conntrack import CleanupResult
+from pyproxy.conntrack_plan import cleanup_needed
 from pyproxy.errors import PyproxyError, RestoreError
 from pyproxy.healthcheck import HealthzServer, ProxyHealth, ServiceHealthServer
 from pyproxy.iptables.proxier import FULL_SYNC_PERIOD, IptablesProxier, SyncResult
@@ -33,7 +34,6 @@ from pyproxy.iptables.restore import Iptables, canary_exists
 from pyproxy.ipvs.proxier import IpvsProxier, IpvsSyncResult, new_ipvs_proxier
 from pyproxy.metrics import Metrics, MetricsServer
 from pyproxy.model import IPAddress, IPFamily, NamespacedName
-from pyproxy.model import Protocol as L4
 from pyproxy.options import ProxyOptions, proxier_configs, with_interface_ips
 from pyproxy.proxystate import LazyStates, ProxierConfig, ServicePortState, service_state
 from pyproxy.runner import BoundedFrequencyRunner
@@ -67,19 +67,6 @@ class FamilyProxier:
     states: ServiceStates = field(default_factory=dict)
     #: A conntrack cleanup failed: retry it after the next sync.
     conntrack_pending: bool = False
-
-
-def _has_udp(ports: tuple[ServicePortState, ...]) -> bool:
-    return any(p.info.protocol is L4.UDP for p in ports)
-
-
-def _udp_endpoints(ports: tuple[ServicePortState, ...]) -> frozenset[tuple[str, str]]:
-    return frozenset(
-        (str(p.info.name), ep.endpoint)
-        for p in ports
-        if p.info.protocol is L4.UDP
-        for ep in p.categorized.all_reachable
-    )
 
 
 class Controller:
@@ -375,14 +362,13 @@ class Controller:
         Service had no endpoints, in the same sync (upstream's conntrack cleanup)."""
         if fp.conntrack is None:
             return
-        names = changes.services if changes.services is not None else set(fp.states)
-        udp_changed = any(
-            _udp_endpoints(previous.get(n, ())) != _udp_endpoints(fp.states.get(n, ()))
-            or _has_udp(previous.get(n, ())) != _has_udp(fp.states.get(n, ()))
-            for n in names
-        )
-        if not (udp_changed or fp.conntrack_pending or changes.services is None):
-            return
+        if changes.services is not None and not fp.conntrack_pending:
+            # A partial sync: `previous` holds the changed Services. Judge them on the map the
+            # flows are judged by: the endpoints the rules use miss an endpoint that left the
+            # rules while still serving and is removed later.
+            current = {n: fp.states[n] for n in changes.services if n in fp.states}
+            if not cleanup_needed(previous, current):
+                return
         try:
             result = fp.conntrack.clean(previous=previous, current=fp.states)
         except PyproxyError as err:

@@ -38,6 +38,7 @@ from pyproxy.model import (
     Node,
     Protocol,
     Service,
+    ServiceCIDR,
     ServicePort,
     ServiceType,
     TrafficPolicy,
@@ -522,6 +523,24 @@ def node_from_api(obj: Mapping[str, object]) -> Node:
     )
 
 
+# --- ServiceCIDR --------------------------------------------------------------------------
+
+
+def service_cidr_from_api(obj: Mapping[str, object]) -> ServiceCIDR:
+    """networking.k8s.io/v1 ServiceCIDR: `spec.cidrs`, one or two CIDRs (one per family)."""
+    r = _Reader("ServiceCIDR", obj)
+    r.check_names(namespaced=False, name_pattern=_DNS1123_SUBDOMAIN)
+    spec = r.mapping(obj.get("spec"), "spec")
+    cidrs = []
+    for i, raw in enumerate(r.sequence(spec.get("cidrs"), "spec.cidrs")):
+        text = r.string(raw, f"spec.cidrs[{i}]")
+        try:
+            cidrs.append(parse_cidr(text))
+        except ValueError:
+            raise r.invalid(f"spec.cidrs[{i}]", f"{text!r} is not a valid CIDR") from None
+    return ServiceCIDR(name=r.name, cidrs=tuple(cidrs))
+
+
 # --- whole state --------------------------------------------------------------------------
 
 
@@ -532,6 +551,7 @@ def state_from_objects(
     services: dict[NamespacedName, Service] = {}
     slices: dict[NamespacedName, EndpointSlice] = {}
     nodes: dict[str, Node] = {}
+    service_cidrs: dict[str, ServiceCIDR] = {}
     problems: list[InvalidObject] = []
     for obj in objects:
         kind = obj.get("kind")
@@ -548,6 +568,12 @@ def state_from_objects(
             elif kind == "Node":
                 node = node_from_api(obj)
                 nodes[node.name] = node
+            elif kind == "ServiceCIDR":
+                service_cidr = service_cidr_from_api(obj)
+                service_cidrs[service_cidr.name] = service_cidr
         except InvalidObject as problem:
             problems.append(problem)
-    return ClusterState(services=services, endpoint_slices=slices, nodes=nodes), problems
+    cluster = ClusterState(
+        services=services, endpoint_slices=slices, nodes=nodes, service_cidrs=service_cidrs
+    )
+    return cluster, problems

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pyproxy",
         description="kube-proxy in Python: program Service rules for this node.",
     )
-    p.add_argument("--proxy-mode", choices=("iptables", "ipvs"), default="iptables")
+    p.add_argument("--proxy-mode", choices=("iptables", "ipvs", "nftables"), default="iptables")
     p.add_argument(
         "--hostname-override",
         default="",
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--nodeport-addresses",
         default="",
         metavar="CIDR[,CIDR]|primary",
-        help="addresses NodePorts answer on (default: every local address)",
+        help="addresses NodePorts answer on (default: every local address; nftables: primary)",
     )
     p.add_argument(
         "--iptables-localhost-nodeports",
@@ -426,21 +426,25 @@ def proxier_configs(
         if IPFamily.of(ip) not in families:
             families.append(IPFamily.of(ip))
     configs = []
+    nftables = options.proxy_mode == "nftables"
+    # nftables mode: NodePorts default to the primary node IPs, and never on localhost.
+    nodeport_flag = options.nodeport_addresses or (("primary",) if nftables else ())
     for family in families:
         family_ips = tuple(ip for ip in ips if IPFamily.of(ip) is family)
-        if options.nodeport_addresses == ("primary",):
+        if nodeport_flag == ("primary",):
             nodeport: tuple[IPNetwork, ...] = (
                 parse_cidr(f"{family_ips[0]}/{family_ips[0].max_prefixlen}"),
             )
         else:
             nodeport = tuple(
                 net
-                for net in (parse_cidr(t) for t in options.nodeport_addresses)
+                for net in (parse_cidr(t) for t in nodeport_flag)
                 if IPFamily.of(net) is family
             )
         # Localhost NodePorts: IPv4 only, and only if the nodeport addresses include loopback.
         localhost = (
-            options.localhost_nodeports
+            not nftables
+            and options.localhost_nodeports
             and family is IPFamily.IPv4
             and (not nodeport or any(parse_ip("127.0.0.1") in net for net in nodeport))
         )

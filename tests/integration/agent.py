@@ -186,9 +186,11 @@ def set_endpoints(
     proto: str = "TCP",
     port_name: str = "p",
     not_ready: Collection[str] = (),
+    terminating: Collection[str] = (),
 ) -> None:
     """Create or replace the Service's one EndpointSlice: `eps` are (address, node name); the
-    addresses in `not_ready` have condition ready false."""
+    addresses in `not_ready` have condition ready false, those in `terminating` are terminating
+    but still serving (a pod being deleted, inside its grace period)."""
     body = {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -200,7 +202,11 @@ def set_endpoints(
         "addressType": "IPv4",
         "ports": [{"name": port_name, "port": port, "protocol": proto}],
         "endpoints": [
-            {"addresses": [ip], "nodeName": node, "conditions": {"ready": ip not in not_ready}}
+            {
+                "addresses": [ip],
+                "nodeName": node,
+                "conditions": _conditions(ip, not_ready, terminating),
+            }
             for ip, node in eps
         ],
     }
@@ -211,6 +217,14 @@ def set_endpoints(
         if err.status != 404:
             raise
         d.create_namespaced_endpoint_slice(ns, body)
+
+
+def _conditions(
+    ip: str, not_ready: Collection[str], terminating: Collection[str]
+) -> dict[str, bool]:
+    if ip in terminating:
+        return {"ready": False, "serving": True, "terminating": True}
+    return {"ready": ip not in not_ready}
 
 
 def answers(where: object, ip: str, port: int, n: int = 20) -> set[str]:

@@ -29,8 +29,8 @@ from agent import (
     running_agent,
     set_endpoints,
 )
-from controlplane import ControlPlane
 from netlab import Cluster, Reply, tcp_ask, udp_ask
+from netlab.controlplane import ControlPlane
 from netlab.fixtures import cluster_fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.kernel]

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 import yaml
-from controlplane import ControlPlaneError, find_bin_dir
+from netlab.controlplane import ControlPlaneError, find_bin_dir
 
 pytestmark = pytest.mark.integration
 

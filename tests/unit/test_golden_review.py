@@ -16,7 +16,14 @@ from unit_support import GOLDEN_DIR
 MANIFEST = GOLDEN_DIR / "REVIEWED"
 #: The expected outputs checked by tests/unit/test_golden.py, tests/unit/test_explain.py and
 #: tests/kernel/test_trace_drift.py (the state inputs, *.yaml, are not outputs).
-PATTERNS = ("*.rules", "*.txt", "explain/*.json", "explain/*.save")
+PATTERNS = (
+    "*.rules",
+    "*.txt",
+    "explain/*.json",
+    "explain/*.save",
+    "nftables/*.nft",
+    "nftables/*.txt",
+)
 
 
 def _recorded() -> dict[str, str]:
@@ -38,7 +45,7 @@ def _golden_files() -> set[str]:
 def test_the_manifest_lists_exactly_the_golden_files() -> None:
     files = _golden_files()
     recorded = set(_recorded())
-    assert {n.split("/")[0] for n in files if "/" in n} == {"explain"}
+    assert {n.split("/")[0] for n in files if "/" in n} == {"explain", "nftables"}
     assert any(n.endswith(".save") for n in files), "kernel captures are golden files too"
     assert sorted(files - recorded) == [], "golden files never reviewed (hack/review_golden.py)"
     assert sorted(recorded - files) == [], "REVIEWED lists files that do not exist"
