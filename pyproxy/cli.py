@@ -80,11 +80,22 @@ def dry_run(options: ProxyOptions, cluster: ClusterState) -> str:
 def proxier_factory(options: ProxyOptions, backend: str) -> ProxierFactory:
     """How this run builds a family's proxier: the mode, iptables variant and mode flags."""
     if options.proxy_mode == "ipvs":
+        from pyproxy.ipvs.kernel import IpvsTimeouts
         from pyproxy.ipvs.proxier import IpvsProxier
 
+        timeouts = IpvsTimeouts.from_seconds(
+            options.ipvs_tcp_timeout, options.ipvs_tcpfin_timeout, options.ipvs_udp_timeout
+        )
+
         def new_ipvs(config: ProxierConfig) -> Proxier:
-            iptables = Iptables(config.family, backend)
-            return IpvsProxier(config, iptables, scheduler=options.ipvs_scheduler)
+            return IpvsProxier(
+                config,
+                Iptables(config.family, backend),
+                scheduler=options.ipvs_scheduler,
+                exclude_cidrs=options.ipvs_exclude_cidrs,
+                strict_arp=options.ipvs_strict_arp,
+                timeouts=timeouts,
+            )
 
         return new_ipvs
 

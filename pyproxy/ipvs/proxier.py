@@ -11,8 +11,14 @@ IPVS has no partial sync (upstream's neither): the plan is always complete, and 
 touches only what differs. The iptables rules are written on a full sync (with missing hooks
 and the canary chain) and otherwise only when they changed. A real server that is draining
 (see diff.py) is re-examined on every sync; the controller's periodic sync
-(--iptables-sync-period after the end of the previous sync) plays the part of upstream's
+(--ipvs-sync-period after the end of the previous sync) plays the part of upstream's
 one-minute graceful-termination timer. Any failure makes the next sync a full one.
+
+Node-wide settings are made on the first sync, as upstream's NewProxier makes them: the
+sysctls (with --ipvs-strict-arp, arp_ignore/arp_announce too) and, when one of
+--ipvs-tcp-timeout/--ipvs-tcpfin-timeout/--ipvs-udp-timeout is set, IPVS's timeouts (a failure
+there is logged and the sync goes on, as upstream). cli.proxier_factory builds a proxier as
+the flags configure it.
 """
 
 from __future__ import annotations
@@ -48,10 +54,10 @@ from pyproxy.ipvs.diff import (
     diff,
 )
 from pyproxy.ipvs.ipsets import IPSET_TABLE, ipset_name
-from pyproxy.ipvs.kernel import IpvsKernel, LinuxIpvsKernel, kernel_release
+from pyproxy.ipvs.kernel import IpvsKernel, IpvsTimeouts, LinuxIpvsKernel, kernel_release
 from pyproxy.ipvs.plan import IpvsPlan, dry_run_text, plan_ipvs
 from pyproxy.ipvs.rules import IpvsRuleset, cleanup_document, cleanup_hooks, ipvs_jump_rules
-from pyproxy.model import IPFamily, NamespacedName
+from pyproxy.model import IPFamily, IPNetwork, NamespacedName
 from pyproxy.proxier import SyncResult
 from pyproxy.proxystate import LazyStates, ProxierConfig, ServiceStates
 
@@ -70,6 +76,13 @@ SYSCTLS: tuple[tuple[str, str], ...] = (
 )
 #: conn_reuse_mode=0 only where it is needed and harmless (upstream: kernels >= 4.1, < 5.9).
 CONN_REUSE_MODE_KERNELS = ((4, 1), (5, 9))
+#: --ipvs-strict-arp (upstream's sysctlArpIgnore/sysctlArpAnnounce): answer ARP only for
+#: addresses on the receiving interface, and announce the best local source address, so the
+#: service addresses bound on kube-ipvs0 are not announced to the LAN (MetalLB's L2 mode).
+STRICT_ARP_SYSCTLS: tuple[tuple[str, str], ...] = (
+    ("net.ipv4.conf.all.arp_ignore", "1"),
+    ("net.ipv4.conf.all.arp_announce", "2"),
+)
 
 
 class IptablesLike(Protocol):
@@ -81,7 +94,7 @@ class IptablesLike(Protocol):
     def restore(self, document: str) -> None: ...
 
 
-def prepare_host(*, release: Sequence[int] | None = None) -> list[str]:
+def prepare_host(*, release: Sequence[int] | None = None, strict_arp: bool = False) -> list[str]:
     """Set ipvs mode's sysctls in this network namespace; returns the ones changed."""
     if sysctl.read("net.ipv4.vs.conntrack") is None:
         raise KernelError(
@@ -92,6 +105,8 @@ def prepare_host(*, release: Sequence[int] | None = None) -> list[str]:
     low, high = CONN_REUSE_MODE_KERNELS
     if low <= version < high:
         wanted.append(("net.ipv4.vs.conn_reuse_mode", "0"))
+    if strict_arp:
+        wanted.extend(STRICT_ARP_SYSCTLS)
     return [f"{key}={value}" for key, value in wanted if sysctl.ensure(key, value)]
 
 
@@ -157,6 +172,9 @@ class IpvsProxier:
         clock: Callable[[], float] = time.monotonic,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         set_sysctls: bool = True,
+        exclude_cidrs: Sequence[IPNetwork] = (),
+        strict_arp: bool = False,
+        timeouts: IpvsTimeouts = IpvsTimeouts(),  # noqa: B008 - frozen, so a safe default
     ) -> None:
         """`scheduler`: a scheduler name as `ProxyOptions.ipvs_scheduler` holds it (checked
         and normalised once, when the flags are parsed)."""
@@ -167,6 +185,10 @@ class IpvsProxier:
         self._clock = clock
         self.drain_timeout = drain_timeout
         self._set_sysctls = set_sysctls
+        #: --ipvs-exclude-cidrs of this family (upstream's filterCIDRs).
+        self.exclude_cidrs = tuple(c for c in exclude_cidrs if IPFamily.of(c) is config.family)
+        self.strict_arp = strict_arp
+        self.timeouts = timeouts
         self._prepared = False
         self._written: IpvsRuleset | None = None
         self.draining: Mapping[RealServerRef, float] = {}
@@ -201,12 +223,15 @@ class IpvsProxier:
             states = states.complete()
         full = full or self.need_full_sync or changed is None
         self.need_full_sync = True  # until everything below has succeeded
-        if not self._prepared and self._set_sysctls:
-            changed_sysctls = prepare_host()
+        first = not self._prepared
+        if first and self._set_sysctls:
+            changed_sysctls = prepare_host(strict_arp=self.strict_arp)
             if changed_sysctls:
                 logger.info("set sysctls for IPVS mode", sysctls=changed_sysctls)
         self._prepared = True
         with self._kernel() as kernel:
+            if first and self.timeouts:
+                self._set_timeouts(kernel)
             kernel.ensure_dummy()
             plan = self.plan(states, kernel)
             state = kernel.read_state()
@@ -225,6 +250,7 @@ class IpvsProxier:
                 now=self._clock(),
                 drain_timeout=self.drain_timeout,
                 iptables_document=document,
+                exclude_cidrs=self.exclude_cidrs,
             )
             self.last_diff = result
             self.draining = result.draining
@@ -254,6 +280,18 @@ class IpvsProxier:
                 "ipset_bytes": sum(len(op.text) for op in ipset_ops),
             },
         )
+
+    def _set_timeouts(self, kernel: IpvsKernel) -> None:
+        # Upstream (NewProxier) logs a failure and goes on: the timeouts are a tuning, and
+        # Services must not stay unprogrammed because of them.
+        try:
+            kernel.set_timeouts(self.timeouts)
+        except KernelError as err:
+            logger.error(
+                "cannot set the IPVS timeouts", timeouts=str(self.timeouts), error=str(err)
+            )
+        else:
+            logger.info("set the IPVS timeouts", timeouts=str(self.timeouts))
 
 
 # --- --cleanup ----------------------------------------------------------------------------
@@ -333,6 +371,7 @@ class _NoIptables:
 
 
 __all__ = [
+    "STRICT_ARP_SYSCTLS",
     "SYSCTLS",
     "CleanupResult",
     "IpvsProxier",

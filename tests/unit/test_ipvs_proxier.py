@@ -17,11 +17,14 @@ import pytest
 from support import TEST_NODE, cluster_of, endpoint, endpoint_slice, port, service, slice_port
 
 from pyproxy import sysctl
+from pyproxy.cli import proxier_factory
 from pyproxy.errors import ConfigError, KernelError, RestoreError
 from pyproxy.ipvs.diff import CurrentRealServer, CurrentVirtualServer, KernelState
 from pyproxy.ipvs.ipsets import IpsetType, canonical_member, parse_save
+from pyproxy.ipvs.kernel import IpvsTimeouts
 from pyproxy.ipvs.plan import RealServer, VirtualServer, VirtualServerKey
 from pyproxy.ipvs.proxier import (
+    STRICT_ARP_SYSCTLS,
     SYSCTLS,
     IpvsProxier,
     cleanup,
@@ -172,6 +175,9 @@ class FakeKernel:
         self._call("destroy_ipsets", names)
         for name in names:
             self.sets.pop(name, None)
+
+    def set_timeouts(self, timeouts: IpvsTimeouts) -> None:
+        self._call("set_timeouts", timeouts)
 
     def writes(self) -> list[tuple[Any, ...]]:
         reads = {"open", "close", "ensure_dummy", "local_addresses", "read_state"}
@@ -512,6 +518,24 @@ def test_prepare_host_sets_upstreams_sysctls(
     assert prepare_host(release=(5, 4, 0)) == ["net.ipv4.vs.conn_reuse_mode=0"]
 
 
+def test_strict_arp_sets_arp_ignore_and_arp_announce_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = [k for k, _ in (*SYSCTLS, *STRICT_ARP_SYSCTLS)]
+    root = _fake_proc(tmp_path, monkeypatch, dict.fromkeys(keys, "0"))
+    prepare_host(release=(6, 1, 0))
+    assert (root / "net/ipv4/conf/all/arp_ignore").read_text() == "0\n"
+    assert prepare_host(release=(6, 1, 0), strict_arp=True) == [
+        "net.ipv4.conf.all.arp_ignore=1",
+        "net.ipv4.conf.all.arp_announce=2",
+    ]
+    assert (root / "net/ipv4/conf/all/arp_ignore").read_text() == "1\n"
+    assert (root / "net/ipv4/conf/all/arp_announce").read_text() == "2\n"
+    # Upstream's EnsureSysctl: any other value is set back, even a "stricter" one.
+    (root / "net/ipv4/conf/all/arp_announce").write_text("1\n")
+    assert prepare_host(release=(6, 1, 0), strict_arp=True) == ["net.ipv4.conf.all.arp_announce=2"]
+
+
 def test_prepare_host_without_ip_vs_fails_with_the_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -632,3 +656,82 @@ def test_full_keyword_forces_a_full_sync_like_the_iptables_proxier() -> None:
     assert result.full
     assert len(iptables.restored) == 2
     assert ":KUBE-PROXY-CANARY" in iptables.restored[-1]
+
+
+# --- --ipvs-*-timeout, --ipvs-exclude-cidrs, and the flags reaching the proxier --------------
+
+
+def test_timeouts_are_set_once_on_the_first_sync_before_anything_else() -> None:
+    kernel = FakeKernel()
+    timeouts = IpvsTimeouts(tcp=900, tcp_fin=30, udp=45)
+    p = proxier(kernel, timeouts=timeouts)
+    p.sync(web("10.0.2.1"))
+    p.sync(web("10.0.2.1", "10.0.2.2"), {NamespacedName("ns1", "web")})
+    assert [c for c in kernel.calls if c[0] == "set_timeouts"] == [("set_timeouts", timeouts)]
+    assert kernel.writes()[0] == ("set_timeouts", timeouts)
+
+
+def test_timeouts_all_zero_leave_the_kernel_alone() -> None:
+    kernel = FakeKernel()
+    proxier(kernel).sync(web("10.0.2.1"))
+    proxier(kernel, timeouts=IpvsTimeouts.from_seconds(0.5, 0, 0.999)).sync(web("10.0.2.1"))
+    assert not [c for c in kernel.calls if c[0] == "set_timeouts"]
+
+
+def test_a_failure_to_set_the_timeouts_is_logged_and_the_sync_goes_on() -> None:
+    kernel = FakeKernel()
+    kernel.fail["set_timeouts"] = KernelError("set IPVS timeouts: [Errno 22] Invalid argument")
+    result = proxier(kernel, timeouts=IpvsTimeouts(tcp=1)).sync(web("10.0.2.1"))
+    assert result.details["virtual_servers"] == 2
+    assert ip("10.96.0.10") in kernel.bound
+
+
+def test_timeouts_are_whole_seconds_truncated_as_upstream() -> None:
+    assert IpvsTimeouts.from_seconds(90.9, 0.5, 3600) == IpvsTimeouts(90, 0, 3600)
+    assert IpvsTimeouts.from_seconds(2.0**40, 0, 0).tcp == 0xFFFFFFFF
+    assert not IpvsTimeouts()
+    assert IpvsTimeouts(udp=1)
+
+
+def test_excluded_stale_virtual_server_survives_a_sync() -> None:
+    kernel = FakeKernel()
+    both = states_of(
+        service("ns1", "web", "10.96.0.10", [port("http", 80)]),
+        endpoint_slice("ns1", "web", [endpoint("10.0.2.1", "other")], [slice_port("http", 8080)]),
+        service("ns1", "kept", "10.97.0.10", [port("http", 80)]),
+        endpoint_slice("ns1", "kept", [endpoint("10.0.2.2", "other")], [slice_port("http", 8080)]),
+    )
+    excluded = (ipaddress.ip_network("10.97.0.0/16"), ipaddress.ip_network("fd00:97::/64"))
+    p = proxier(kernel, exclude_cidrs=excluded)
+    assert p.exclude_cidrs == (ipaddress.ip_network("10.97.0.0/16"),)  # this family's only
+    p.sync(both)
+    p.sync({}, set(both))
+    assert {str(k) for k in kernel.servers} == {"10.97.0.10:80/TCP"}
+    assert ("delete_virtual_server", "10.96.0.10:80/TCP") in kernel.calls
+
+
+def test_the_flags_reach_the_proxier() -> None:
+    options = parse_options(
+        [
+            "--proxy-mode=ipvs",
+            "--ipvs-scheduler=wrr",
+            "--ipvs-exclude-cidrs=10.97.0.0/16, fd00:97::/64",
+            "--ipvs-strict-arp",
+            "--ipvs-tcp-timeout=15m",
+            "--ipvs-tcpfin-timeout=30s",
+            "--ipvs-udp-timeout=1m30.5s",
+        ]
+    )
+    p = proxier_factory(options, "nft")(CONFIG)
+    assert isinstance(p, IpvsProxier)
+    assert p.scheduler == "wrr"
+    assert p.exclude_cidrs == (ipaddress.ip_network("10.97.0.0/16"),)
+    assert p.strict_arp
+    assert p.timeouts == IpvsTimeouts(tcp=900, tcp_fin=30, udp=90)
+    default = proxier_factory(parse_options(["--proxy-mode=ipvs"]), "nft")(CONFIG)
+    assert isinstance(default, IpvsProxier)
+    assert (default.exclude_cidrs, default.strict_arp, default.timeouts) == (
+        (),
+        False,
+        IpvsTimeouts(),
+    )
