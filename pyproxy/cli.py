@@ -26,7 +26,7 @@ from pyproxy.iptables.render import jump_rules, render_ruleset
 from pyproxy.iptables.restore import Iptables, detect_backend
 from pyproxy.model import ClusterState, IPFamily
 from pyproxy.options import ProxyOptions, parse_options, proxier_configs, with_interface_ips
-from pyproxy.proxystate import ProxierConfig, desired_state
+from pyproxy.proxystate import NFACCT_COUNTERS, ProxierConfig, desired_state
 
 logger = structlog.get_logger("pyproxy")
 
@@ -84,7 +84,16 @@ def prepare_kernel(config: ProxierConfig) -> ProxierConfig:
     """Set the sysctls the rules need; returns the config adjusted to what the host has."""
     if config.localhost_nodeports and sysctl.ensure("net.ipv4.conf.all.route_localnet", "1"):
         logger.info("set route_localnet=1 for localhost NodePorts (--iptables-localhost-nodeports)")
-    return dataclasses.replace(config, conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal())
+    from pyproxy.nfacct import ensure_counters, open_nfacct
+
+    # As the agent: count into upstream's nfacct counters where the subsystem answers.
+    nfacct = open_nfacct()
+    counters = ensure_counters(nfacct, NFACCT_COUNTERS)[0] if nfacct else frozenset[str]()
+    return dataclasses.replace(
+        config,
+        conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal(),
+        nfacct_counters=counters,
+    )
 
 
 def _sync_configs(options: ProxyOptions, cluster: ClusterState) -> tuple[ProxierConfig, ...]:
@@ -236,6 +245,7 @@ def run_controller(options: ProxyOptions) -> int:
     from pyproxy.conntrack import ConntrackCleaner
     from pyproxy.controller import Controller
     from pyproxy.hostnet import host_addresses
+    from pyproxy.nfacct import open_nfacct
     from pyproxy.sources.kube import KubeSource
 
     stop = threading.Event()
@@ -253,6 +263,7 @@ def run_controller(options: ProxyOptions) -> int:
         source_factory=lambda c: KubeSource(options.kubeconfig, options.node_name, c),
         host_addresses=host_addresses,
         conntrack=ConntrackCleaner,
+        nfacct=open_nfacct() if options.proxy_mode == "iptables" else None,
     )
     logger.info(
         "starting",

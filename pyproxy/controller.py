@@ -34,8 +34,15 @@ from pyproxy.iptables.restore import Iptables, canary_exists
 from pyproxy.ipvs.proxier import IpvsProxier, IpvsSyncResult
 from pyproxy.metrics import Metrics, MetricsServer
 from pyproxy.model import IPAddress, IPFamily, NamespacedName
+from pyproxy.nfacct import NfacctClient, ensure_counters
 from pyproxy.options import ProxyOptions, proxier_configs, with_interface_ips
-from pyproxy.proxystate import LazyStates, ProxierConfig, ServicePortState, service_state
+from pyproxy.proxystate import (
+    NFACCT_COUNTERS,
+    LazyStates,
+    ProxierConfig,
+    ServicePortState,
+    service_state,
+)
 from pyproxy.runner import BoundedFrequencyRunner
 from pyproxy.sources.watch import gc_paused
 
@@ -78,6 +85,7 @@ class Controller:
         source_factory: Callable[[Controller], Source],
         host_addresses: Callable[[], tuple[IPAddress, ...]],
         conntrack: Callable[[IPFamily], ConntrackCleaner] | None = None,
+        nfacct: NfacctClient | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.options = options
@@ -88,7 +96,11 @@ class Controller:
         self._conntrack = conntrack
         self._clock = clock
         self.families: dict[IPFamily, FamilyProxier] = {}
-        self.metrics = Metrics(options.proxy_mode)
+        # nfacct counters exist only for iptables mode's rules and metrics (as upstream).
+        self._nfacct = nfacct if options.proxy_mode == "iptables" else None
+        #: The counters ensured at the first sync (upstream's nfAcctCounters), then fixed.
+        self._nfacct_counters: frozenset[str] | None = None
+        self.metrics = Metrics(options.proxy_mode, nfacct=self._nfacct)
         self.health = ProxyHealth(2 * options.sync_period)
         self.healthz_server = HealthzServer(
             self.health, options.healthz_bind_address, metrics=self.metrics
@@ -212,9 +224,30 @@ class Controller:
             if config.localhost_nodeports and self.options.proxy_mode == "iptables":
                 sysctl.ensure("net.ipv4.conf.all.route_localnet", "1")
             configs.append(
-                replace(config, conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal())
+                replace(
+                    config,
+                    conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal(),
+                    nfacct_counters=self._ensured_nfacct_counters(),
+                )
             )
         return tuple(configs)
+
+    def _ensured_nfacct_counters(self) -> frozenset[str]:
+        """Ensure the nfacct counters once; the rules count into those that exist."""
+        if self._nfacct_counters is None:
+            if self._nfacct is None:
+                self._nfacct_counters = frozenset()
+            else:
+                ok, failed = ensure_counters(self._nfacct, NFACCT_COUNTERS)
+                for name, error in failed.items():
+                    logger.error(
+                        "failed to create nfacct counter; the corresponding metric will not be"
+                        " updated",
+                        counter=name,
+                        error=error,
+                    )
+                self._nfacct_counters = ok
+        return self._nfacct_counters
 
     def _recompute(self, fp: FamilyProxier, names: set[NamespacedName]) -> None:
         tracker = self.tracker
