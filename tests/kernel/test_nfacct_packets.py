@@ -12,13 +12,12 @@ agent would. The counters live in node-a's network namespace; `NetlinkNfacct` is
 
 from __future__ import annotations
 
-import socket
-import struct
 import sys
 
 import pytest
 from netlab import Cluster, Reply, http_get
 from netlab.fixtures import cluster_fixture
+from netlab.rawtcp import send_syn_fin
 
 from pyproxy.nfacct import NetlinkNfacct, open_nfacct
 from pyproxy.proxystate import (
@@ -112,31 +111,11 @@ def test_localhost_node_port_connections_are_counted(net: Cluster) -> None:
     assert packets(net, LOCALHOST_NODEPORT_ACCEPTED_NFACCT_COUNTER) == before + 3
 
 
-def _syn_fin(src: str, dst: str, sport: int, dport: int) -> bytes:
-    """A TCP header with SYN+FIN (checksum over the IPv4 pseudo-header): conntrack's
-    tcp_error() calls this flag combination invalid, so the packet's ctstate is INVALID."""
-
-    def header(checksum: int) -> bytes:
-        return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x03, 1024, checksum, 0)
-
-    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, 20)
-    data = pseudo + header(0)
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return header(~total & 0xFFFF)
-
-
 def test_invalid_packets_forwarded_by_the_node_are_dropped_and_counted(net: Cluster) -> None:
     a1, a2 = net.pod("a1"), net.pod("a2")
     before = packets(net, CT_STATE_INVALID_DROPPED_NFACCT_COUNTER)
 
-    def send() -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as raw:
-            for sport in (41001, 41002, 41003):
-                raw.sendto(_syn_fin(a2.ip, a1.ip, sport, 8080), (a1.ip, 0))
-
-    a2.call(send)
+    send_syn_fin(a2, a1.ip, 8080, 3)
     assert packets(net, CT_STATE_INVALID_DROPPED_NFACCT_COUNTER) == before + 3
     # A valid connection between the same pods is forwarded and not counted.
     reply = http_get(a2, a1.ip, 8080)
