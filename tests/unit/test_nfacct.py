@@ -80,9 +80,9 @@ def test_each_counter_gates_only_its_own_rules() -> None:
     ) in invalid_only
     localhost_only = _overall(frozenset({LOCALHOST_NODEPORT_ACCEPTED_NFACCT_COUNTER}))
     assert localhost_only[IPFamily.IPv4].count("--nfacct-name localhost_nps_accepted_pkts") == 3
-    assert "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n" in localhost_only[
-        IPFamily.IPv4
-    ]
+    assert (
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n" in localhost_only[IPFamily.IPv4]
+    )
 
 
 def test_no_localhost_counting_rule_without_localhost_nodeports() -> None:
