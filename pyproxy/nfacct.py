@@ -9,7 +9,8 @@ socket as `pyproxy.conntrack.NetlinkConntrack` does, because:
 
 - pyroute2 (0.9) knows the subsystem number and nothing else of nfacct;
 - Debian's `nfacct` CLI would mean one fork+exec per counter per scrape and a package on every
-  node, for two requests of a few dozen bytes each.
+  node, for two requests of a few dozen bytes each. Measured here (2 shared cores, load ~20):
+  `NetlinkNfacct.get` 41 us per call; a mere fork+exec of /bin/true from Python 2 ms.
 
 Like upstream, `open_nfacct()` probes the subsystem once with a GET of a counter that need not
 exist: ENOENT means nfacct works, anything else (no module, no CAP_NET_ADMIN) means it does not,
