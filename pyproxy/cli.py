@@ -26,7 +26,7 @@ from pyproxy.iptables.render import jump_rules, render_ruleset
 from pyproxy.iptables.restore import Iptables, detect_backend
 from pyproxy.model import ClusterState, IPFamily
 from pyproxy.options import ProxyOptions, parse_options, proxier_configs, with_interface_ips
-from pyproxy.proxystate import NFACCT_COUNTERS, ProxierConfig, desired_state
+from pyproxy.proxystate import ProxierConfig, desired_state
 
 logger = structlog.get_logger("pyproxy")
 
@@ -84,16 +84,9 @@ def prepare_kernel(config: ProxierConfig) -> ProxierConfig:
     """Set the sysctls the rules need; returns the config adjusted to what the host has."""
     if config.localhost_nodeports and sysctl.ensure("net.ipv4.conf.all.route_localnet", "1"):
         logger.info("set route_localnet=1 for localhost NodePorts (--iptables-localhost-nodeports)")
-    from pyproxy.nfacct import ensure_counters, open_nfacct
-
-    # As the agent: count into upstream's nfacct counters where the subsystem answers.
-    nfacct = open_nfacct()
-    counters = ensure_counters(nfacct, NFACCT_COUNTERS)[0] if nfacct else frozenset[str]()
-    return dataclasses.replace(
-        config,
-        conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal(),
-        nfacct_counters=counters,
-    )
+    # No nfacct counters (ProxierConfig.nfacct_counters stays empty): a one-shot sync has no
+    # /metrics to read them, so its rules are those of a host without nfacct.
+    return dataclasses.replace(config, conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal())
 
 
 def _sync_configs(options: ProxyOptions, cluster: ClusterState) -> tuple[ProxierConfig, ...]:

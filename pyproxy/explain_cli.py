@@ -64,7 +64,7 @@ from pyproxy.model import (
     Protocol,
 )
 from pyproxy.options import ProxyOptions, parse_options, proxier_configs
-from pyproxy.proxystate import ProxierConfig
+from pyproxy.proxystate import NFACCT_COUNTERS, ProxierConfig
 
 if TYPE_CHECKING:
     from pyproxy.sources.watch import ApiConnection
@@ -822,6 +822,7 @@ def trace_main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = No
     """`pyproxy trace ARGS`: `argv` is what follows the word `trace`."""
     from pyproxy import sysctl
     from pyproxy.iptables.restore import Iptables, detect_backend
+    from pyproxy.nfacct import existing_counters, open_nfacct
 
     out = stdout or sys.stdout
     prog = "pyproxy trace"
@@ -857,8 +858,11 @@ def trace_main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = No
                     f"cannot check drift: node {options.node_name} has no {family.value} address"
                     " (pass --node-ip)"
                 )
+            # The agent counts into the nfacct counters it found or created at start.
             config = dataclasses.replace(
-                config, conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal()
+                config,
+                conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal(),
+                nfacct_counters=existing_counters(open_nfacct(), NFACCT_COUNTERS),
             )
             desired = desired_document(cluster, config)
         report = trace_saved(

@@ -217,6 +217,21 @@ def ensure_counters(
     return frozenset(ok), failed
 
 
+def existing_counters(client: NfacctClient | None, names: Iterable[str]) -> frozenset[str]:
+    """The counters that exist now, creating none: what a running agent's rules count into
+    (it ensured them at start), for a reader such as `pyproxy explain`'s drift check."""
+    if client is None:
+        return frozenset()
+    found = set()
+    for name in names:
+        try:
+            if client.get(name) is not None:
+                found.add(name)
+        except KernelError:
+            continue
+    return frozenset(found)
+
+
 class FakeNfacct:
     """In-memory counters for unit tests; `packets` can be bumped by the test."""
 

@@ -21,6 +21,7 @@ from pyproxy.conntrack import ConntrackCleaner
 from pyproxy.controller import Controller
 from pyproxy.hostnet import host_addresses
 from pyproxy.iptables.restore import detect_backend
+from pyproxy.nfacct import open_nfacct
 from pyproxy.options import parse_options
 from pyproxy.sources.statefile import read_objects
 
@@ -57,6 +58,7 @@ def main(argv: list[str]) -> int:
         source_factory=lambda c: StateSource(c, state),
         host_addresses=host_addresses,
         conntrack=ConntrackCleaner,
+        nfacct=open_nfacct() if options.proxy_mode == "iptables" else None,
     )
     controller.start()
     try:

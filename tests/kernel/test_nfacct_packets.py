@@ -1,7 +1,8 @@
 """nfacct counters against the real kernel: real packets bump them, pyproxy's reader sees it.
 
-A netlab node (node-a, pods a1 and a2) programmed by `pyproxy --once` from a state file, as the
-agent would. The counters live in node-a's network namespace; `NetlinkNfacct` is called there.
+A netlab node (node-a, pods a1 and a2) programmed by the node agent (state_agent.py: the real
+Controller fed from a state file; `--once` writes no nfacct matches, nothing would read them).
+The counters live in node-a's network namespace; `NetlinkNfacct` is called there.
 
 - localhost NodePort: connections from node-a to 127.0.0.1:NODEPORT are counted (the nat rule
   sees a connection's first packet only, as upstream's), connections to the node IP are not;
@@ -12,7 +13,12 @@ agent would. The counters live in node-a's network namespace; `NetlinkNfacct` is
 
 from __future__ import annotations
 
+import json
+import select
+import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from netlab import Cluster, Reply, http_get
@@ -27,7 +33,11 @@ from pyproxy.proxystate import (
 
 pytestmark = pytest.mark.kernel
 
+REPO = Path(__file__).resolve().parents[2]
+STATE_AGENT = Path(__file__).with_name("state_agent.py")
 NODE_PORT = 30080
+STATE_FILE = "state.yaml"
+AGENT_FLAGS = ("--cluster-cidr", "10.244.0.0/16", "--iptables-backend", "nft")
 STATE = f"""\
 apiVersion: v1
 kind: List
@@ -55,20 +65,34 @@ node_cluster = cluster_fixture({"a": ("a1", "a2")}, scope="module")
 
 
 @pytest.fixture(scope="module")
-def net(node_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
-    path = tmp_path_factory.mktemp("nfacct") / "state.yaml"
+def state_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("nfacct") / STATE_FILE
     path.write_text(STATE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def net(node_cluster: Cluster, state_path: Path) -> Iterator[Cluster]:
+    path = state_path
     node = node_cluster.node("a")
-    result = node.run(
+    proc = node.popen(
         [
-            sys.executable, "-m", "pyproxy", "--once", "--state", str(path),
+            sys.executable, str(STATE_AGENT), str(path),
             "--hostname-override", node.node_name, "--node-ip", node.ip,
-            "--cluster-cidr", "10.244.0.0/16", "--iptables-backend", "nft",
+            *AGENT_FLAGS,
         ],
-        check=False,
+        stdout=subprocess.PIPE,
+        cwd=str(REPO),
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return node_cluster
+    try:
+        assert proc.popen.stdout is not None
+        # A generous bound on a loaded machine; a failed first sync never prints SYNCED.
+        ready, _, _ = select.select([proc.popen.stdout], [], [], 120)
+        line = proc.popen.stdout.readline() if ready else ""
+        assert line.strip() == "SYNCED", f"agent did not sync: {line!r}\n{proc.log_text()}"
+        yield node_cluster
+    finally:
+        proc.stop()
 
 
 def packets(net: Cluster, counter: str) -> int:
@@ -121,3 +145,22 @@ def test_invalid_packets_forwarded_by_the_node_are_dropped_and_counted(net: Clus
     reply = http_get(a2, a1.ip, 8080)
     assert isinstance(reply, Reply) and reply.name == "a1", reply
     assert packets(net, CT_STATE_INVALID_DROPPED_NFACCT_COUNTER) == before + 3
+
+
+def test_explain_sees_no_drift_in_the_counting_rules(net: Cluster, state_path: Path) -> None:
+    """`pyproxy trace` renders what the agent wrote: with the counters that exist on the node."""
+    node = net.node("a")
+    result = node.run(
+        [
+            sys.executable, "-m", "pyproxy.explain_cli", "trace",
+            "--src", "127.0.0.1", "--dst", "127.0.0.1", "--port", str(NODE_PORT), "--from-node",
+            "--state", str(state_path),
+            "--hostname-override", node.node_name, "--node-ip", node.ip, *AGENT_FLAGS,
+            "-o", "json",
+        ],
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["drift"] == {"checked": True, "chains": []}
+    assert report["verdict"] == "DNAT"
