@@ -231,7 +231,12 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0:
         print("metrics_parity needs root (network namespaces)", file=sys.stderr)
         return 2
+    from tests.netlab import controlplane
     from tests.netlab.controlplane import ControlPlane, find_bin_dir
+
+    if "ipvs" in modes:
+        # ipvs runs in the VM, under emulation when there is no KVM: the apiserver needs longer.
+        controlplane.READY_TIMEOUT = 600.0
 
     workdir = Path(tempfile.mkdtemp(prefix="pyproxy-metrics-parity-"))
     cp = ControlPlane(workdir / "control-plane", find_bin_dir())
