@@ -71,7 +71,7 @@ class ProxierConfig:
     conntrack_tcp_be_liberal: bool = False
     #: The nfacct counters the shell could ensure at start (upstream's nfAcctCounters set to
     #: true); only rules whose counter exists get `-m nfacct`, so without nfacct the rules are
-    #: exactly those of a host without it. Empty in a dry run.
+    #: exactly those of a host without it. Empty in a dry run and with --once.
     nfacct_counters: frozenset[str] = frozenset()
 
     @property
