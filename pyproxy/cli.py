@@ -193,6 +193,7 @@ def run_controller(options: ProxyOptions) -> int:
     """The node agent: until SIGTERM/SIGINT, then exit 0 leaving the rules in place."""
     from pyproxy.conntrack import ConntrackCleaner
     from pyproxy.controller import Controller
+    from pyproxy.nfacct import open_nfacct
     from pyproxy.sources.kube import KubeSource
 
     stop = threading.Event()
@@ -212,6 +213,7 @@ def run_controller(options: ProxyOptions) -> int:
         prepare_host=lambda configs: prepare_host(configs, options.proxy_mode),
         conntrack=ConntrackCleaner,
         nftables_leftovers=nftleftovers.remove_after_sync,
+        nfacct=open_nfacct() if options.proxy_mode == "iptables" else None,
     )
     logger.info(
         "starting",

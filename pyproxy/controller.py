@@ -31,7 +31,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import structlog
@@ -44,10 +44,12 @@ from pyproxy.gcpause import gc_paused
 from pyproxy.healthcheck import HealthzServer, ProxyHealth, ServiceHealthServer
 from pyproxy.metrics import Metrics, MetricsServer
 from pyproxy.model import IPFamily, NamespacedName
+from pyproxy.nfacct import NfacctClient, ensure_counters
 from pyproxy.nodeconfig import HostAddresses, node_configs
 from pyproxy.options import ProxyOptions
 from pyproxy.proxier import FULL_SYNC_PERIOD, Proxier, ProxierFactory, SyncResult
 from pyproxy.proxystate import (
+    NFACCT_COUNTERS,
     LazyStates,
     ProxierConfig,
     ServicePortState,
@@ -101,6 +103,7 @@ class Controller:
         prepare_host: PrepareHost,
         conntrack: Callable[[IPFamily], ConntrackCleaner] | None = None,
         nftables_leftovers: Callable[[IPFamily], bool] | None = None,
+        nfacct: NfacctClient | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.options = options
@@ -115,7 +118,11 @@ class Controller:
         self._nftables_leftovers = nftables_leftovers
         self._clock = clock
         self.families: dict[IPFamily, FamilyProxier] = {}
-        self.metrics = Metrics(options.proxy_mode)
+        # nfacct counters exist only for iptables mode's rules and metrics (as upstream).
+        self._nfacct = nfacct if options.proxy_mode == "iptables" else None
+        #: The counters ensured at the first sync (upstream's nfAcctCounters), then fixed.
+        self._nfacct_counters: frozenset[str] | None = None
+        self.metrics = Metrics(options.proxy_mode, nfacct=self._nfacct)
         self.health = ProxyHealth(2 * options.sync_period)
         self.healthz_server = HealthzServer(
             self.health, options.healthz_bind_address, metrics=self.metrics
@@ -230,7 +237,25 @@ class Controller:
 
     def _configs(self) -> tuple[ProxierConfig, ...]:
         configs = node_configs(self.options, self.tracker.node, self._host_addresses)
-        return self._prepare_host(configs)
+        counters = self._ensured_nfacct_counters()
+        return tuple(replace(c, nfacct_counters=counters) for c in self._prepare_host(configs))
+
+    def _ensured_nfacct_counters(self) -> frozenset[str]:
+        """Ensure the nfacct counters once; the rules count into those that exist."""
+        if self._nfacct_counters is None:
+            if self._nfacct is None:
+                self._nfacct_counters = frozenset()
+            else:
+                ok, failed = ensure_counters(self._nfacct, NFACCT_COUNTERS)
+                for name, error in failed.items():
+                    logger.error(
+                        "failed to create nfacct counter; the corresponding metric will not be"
+                        " updated",
+                        counter=name,
+                        error=error,
+                    )
+                self._nfacct_counters = ok
+        return self._nfacct_counters
 
     def _recompute(self, fp: FamilyProxier, names: set[NamespacedName]) -> None:
         tracker = self.tracker

@@ -35,6 +35,15 @@ from pyproxy.serviceport import (
 #: Upstream's largeClusterEndpointsThreshold: above this many endpoints, comments are dropped.
 LARGE_CLUSTER_ENDPOINTS_THRESHOLD = 1000
 
+#: Upstream's nfacct counter names (pkg/proxy/metrics): the iptables rules count packets into
+#: them with `-m nfacct --nfacct-name NAME`, and /metrics reads them back on every scrape.
+LOCALHOST_NODEPORT_ACCEPTED_NFACCT_COUNTER = "localhost_nps_accepted_pkts"
+CT_STATE_INVALID_DROPPED_NFACCT_COUNTER = "ct_state_invalid_dropped_pkts"
+NFACCT_COUNTERS = (
+    CT_STATE_INVALID_DROPPED_NFACCT_COUNTER,
+    LOCALHOST_NODEPORT_ACCEPTED_NFACCT_COUNTER,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class ProxierConfig:
@@ -61,6 +70,10 @@ class ProxierConfig:
     prefer_same_node: bool = True
     #: `nf_conntrack_tcp_be_liberal` was set on the host (drops the INVALID rule).
     conntrack_tcp_be_liberal: bool = False
+    #: The nfacct counters the shell could ensure at start (upstream's nfAcctCounters set to
+    #: true); only rules whose counter exists get `-m nfacct`, so without nfacct the rules are
+    #: exactly those of a host without it. Empty in a dry run and with --once.
+    nfacct_counters: frozenset[str] = frozenset()
 
     @property
     def primary_node_ip(self) -> IPAddress | None:

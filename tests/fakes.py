@@ -14,6 +14,7 @@ from pyproxy.conntrack import FlowDump
 from pyproxy.conntrack_plan import IPPROTO_UDP, Flow
 from pyproxy.errors import KernelError
 from pyproxy.model import IPFamily
+from pyproxy.nfacct import Counter
 
 
 @dataclass
@@ -64,3 +65,25 @@ def _orig_key(flow: Flow) -> tuple[object, ...]:
         flow.orig_dst_port,
         flow.zone,
     )
+
+
+class FakeNfacct:
+    """In-memory counters for unit tests; `packets` can be bumped by the test."""
+
+    def __init__(self, *, broken: bool = False) -> None:
+        self.counters: dict[str, Counter] = {}
+        self.broken = broken
+
+    def ensure(self, name: str) -> None:
+        if self.broken:
+            raise KernelError(f"nfacct add {name}: Operation not permitted")
+        self.counters.setdefault(name, Counter(name, 0, 0))
+
+    def get(self, name: str) -> Counter | None:
+        if self.broken:
+            raise KernelError(f"nfacct get {name}: Operation not permitted")
+        return self.counters.get(name)
+
+    def bump(self, name: str, packets: int, nbytes: int = 0) -> None:
+        old = self.counters[name]
+        self.counters[name] = Counter(name, old.packets + packets, old.bytes + nbytes)

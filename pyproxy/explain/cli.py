@@ -28,6 +28,7 @@ cannot load or read the rules, 2 bad flags.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import json
 import os
@@ -43,7 +44,7 @@ from pyproxy.explain.packet import trace_saved
 from pyproxy.explain.service import ApiObject, desired_document, explain_service, service_extras
 from pyproxy.model import ClusterState, IPFamily, NamespacedName, Protocol
 from pyproxy.options import ProxyOptions, parse_options
-from pyproxy.proxystate import ProxierConfig
+from pyproxy.proxystate import NFACCT_COUNTERS, ProxierConfig
 
 if TYPE_CHECKING:
     from pyproxy.sources.watch import ApiConnection
@@ -321,6 +322,7 @@ def _local_ips(options: ProxyOptions, family: IPFamily) -> list[str]:
 def trace_main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) -> int:
     """`pyproxy trace ARGS`: `argv` is what follows the word `trace`."""
     from pyproxy.iptables.restore import Iptables, detect_backend
+    from pyproxy.nfacct import existing_counters, open_nfacct
     from pyproxy.nodeconfig import with_host_facts
 
     out = stdout or sys.stdout
@@ -358,6 +360,10 @@ def trace_main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = No
                     " (pass --node-ip)"
                 )
             (config,) = with_host_facts((config,))
+            # The agent counts into the nfacct counters it found or created at start.
+            config = dataclasses.replace(
+                config, nfacct_counters=existing_counters(open_nfacct(), NFACCT_COUNTERS)
+            )
             desired = desired_document(cluster, config)
         report = trace_saved(
             saved,

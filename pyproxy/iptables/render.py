@@ -58,7 +58,13 @@ from pyproxy.iptables.vocabulary import (
     service_chain,
 )
 from pyproxy.model import IPFamily, NamespacedName
-from pyproxy.proxystate import LARGE_CLUSTER_ENDPOINTS_THRESHOLD, ProxierConfig, ServicePortState
+from pyproxy.proxystate import (
+    CT_STATE_INVALID_DROPPED_NFACCT_COUNTER,
+    LARGE_CLUSTER_ENDPOINTS_THRESHOLD,
+    LOCALHOST_NODEPORT_ACCEPTED_NFACCT_COUNTER,
+    ProxierConfig,
+    ServicePortState,
+)
 from pyproxy.serviceport import EndpointInfo, ServicePortName
 
 NODEPORTS_COMMENT = '"kubernetes service nodeports; NOTE: this must be the last rule in this chain"'
@@ -244,6 +250,19 @@ def render_service_port(
     # NodePorts: not subject to loadBalancerSourceRanges, as upstream.
     if info.node_port:
         if has_endpoints:
+            if (
+                config.localhost_nodeports
+                and config.family is IPFamily.IPv4
+                and LOCALHOST_NODEPORT_ACCEPTED_NFACCT_COUNTER in config.nfacct_counters
+            ):
+                # Same target as the rule below; it only counts localhost NodePort packets
+                # (kubeproxy_iptables_localhost_nodeports_accepted_packets_total).
+                dispatch.append(
+                    f"-A {KUBE_NODEPORTS} -m comment --comment {spn} {match} -d 127.0.0.0/8"
+                    f" --dport {info.node_port}"
+                    f" -m nfacct --nfacct-name {LOCALHOST_NODEPORT_ACCEPTED_NFACCT_COUNTER}"
+                    f" -j {ext_chain}"
+                )
             dispatch.append(
                 f"-A {KUBE_NODEPORTS} -m comment --comment {spn} {match}"
                 f" --dport {info.node_port} -j {ext_chain}"
@@ -377,7 +396,12 @@ def fixed_filter_rules(config: ProxierConfig) -> tuple[list[str], list[str]]:
     mark = config.masquerade_mark
     after: list[str] = []
     if not config.conntrack_tcp_be_liberal:
-        after.append(f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP")
+        counted = (
+            f" -m nfacct --nfacct-name {CT_STATE_INVALID_DROPPED_NFACCT_COUNTER}"
+            if CT_STATE_INVALID_DROPPED_NFACCT_COUNTER in config.nfacct_counters
+            else ""
+        )
+        after.append(f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID{counted} -j DROP")
     after.append(
         f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding rules"'
         f" -m mark --mark {mark}/{mark} -j ACCEPT"

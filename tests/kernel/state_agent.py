@@ -22,6 +22,7 @@ from pyproxy.conntrack import ConntrackCleaner
 from pyproxy.controller import Controller
 from pyproxy.hostnet import host_addresses
 from pyproxy.iptables.restore import detect_backend
+from pyproxy.nfacct import open_nfacct
 from pyproxy.nodeconfig import prepare_host
 from pyproxy.options import parse_options
 from pyproxy.sources.statefile import read_objects
@@ -60,6 +61,7 @@ def main(argv: list[str]) -> int:
         host_addresses=host_addresses,
         prepare_host=lambda configs: prepare_host(configs, options.proxy_mode),
         conntrack=ConntrackCleaner,
+        nfacct=open_nfacct() if options.proxy_mode == "iptables" else None,
     )
     controller.start()
     try:
