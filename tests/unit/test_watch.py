@@ -834,16 +834,21 @@ def test_an_html_error_page_on_list_and_watch_is_retried(
     lw = running(list_watch(conn, recorder, sleeps))
     assert recorder.wait_for(2) == [("replace", ["a"]), ("ADDED", "b")]
     # Once the last stream has ended the watch goes on (from "6"), and what it does next may
-    # already have happened: only what led up to the event is asserted.
+    # already have happened; and a pooled connection the fake closed after an unframed body
+    # can cost one more failed attempt (and backoff step) before the next answer. So only
+    # what led up to the event is asserted, in order.
     watches = fake_api.requests_for(PATH, watch=True)
     assert [w.params["resourceVersion"] for w in watches][:3] == ["5", "5", "5"]
-    assert sleeps.delays[:4] == [0.2, 0.4, 0.2, 0.4]  # the list's backoff, then the watch's
+    assert sleeps.delays[:2] == [0.2, 0.4]  # backing off, not spinning
     assert lw.lists == 1
     failed = warnings_for(logs, "API request failed")
-    assert [e["action"] for e in failed][:3] == ["list", "list", "watch"]
-    assert "HTTP 502: <html>" in failed[0]["error"]
-    assert "malformed list response" in failed[1]["error"]
-    assert "502 Bad Gateway" in failed[2]["error"]
+    actions = [e["action"] for e in failed]
+    assert actions[:2] == ["list", "list"]
+    assert "watch" in actions
+    errors = [e["error"] for e in failed]
+    assert "HTTP 502: <html>" in errors[0]
+    assert any("malformed list response" in e for e in errors if e)
+    assert any("502 Bad Gateway" in e for e, a in zip(errors, actions, strict=True) if a == "watch")
     assert warnings_for(logs, "malformed watch event")
 
 
