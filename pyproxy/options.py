@@ -450,9 +450,7 @@ def proxier_configs(
             )
         else:
             nodeport = tuple(
-                net
-                for net in (parse_cidr(t) for t in nodeport_flag)
-                if IPFamily.of(net) is family
+                net for net in (parse_cidr(t) for t in nodeport_flag) if IPFamily.of(net) is family
             )
         # Localhost NodePorts: IPv4 only, and only if the nodeport addresses include loopback.
         localhost = (

@@ -208,3 +208,16 @@ class LazyStates:
 def count_endpoints(states: ServiceStates) -> int:
     """Upstream's totalEndpoints: endpoints of every existing service port, this family."""
     return sum(len(port.endpoints) for ports in states.values() for port in ports)
+
+
+# --- output order -------------------------------------------------------------------------
+
+
+def service_order(name: NamespacedName) -> tuple[str, str]:
+    """Output order of Services (upstream's is random: it walks a Go map)."""
+    return (name.namespace, name.name)
+
+
+def port_order(state: ServicePortState) -> tuple[str, str]:
+    """Output order of one Service's ports."""
+    return (state.info.name.port, state.info.protocol.value)

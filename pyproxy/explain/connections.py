@@ -151,8 +151,7 @@ def address_targets(
         out.append(Target(AddressKind.CLUSTER_IP, cluster_ip, port, protocol, sp))
         if node_port:
             out.extend(
-                Target(AddressKind.NODE_PORT, ip, node_port, protocol, sp)
-                for ip in config.node_ips
+                Target(AddressKind.NODE_PORT, ip, node_port, protocol, sp) for ip in config.node_ips
             )
         external_ips = [ip for ip in service.external_ips if IPFamily.of(ip) is family]
         out.extend(Target(AddressKind.EXTERNAL_IP, ip, port, protocol, sp) for ip in external_ips)

@@ -45,10 +45,8 @@ from pyproxy.explain.report import (
 from pyproxy.iptables.render import (
     assemble_ruleset,
     is_large_cluster,
-    port_order,
     render_ruleset,
     render_service_port,
-    service_order,
 )
 from pyproxy.iptables.restore_text import Ruleset, parse_ruleset
 from pyproxy.iptables.vocabulary import KUBE_PROXY_FIREWALL, jump_rules
@@ -68,6 +66,8 @@ from pyproxy.proxystate import (
     ProxierConfig,
     ServicePortState,
     desired_state,
+    port_order,
+    service_order,
     service_state,
     slices_by_service,
 )

@@ -28,9 +28,7 @@ from pyproxy.iptables.render import (
     ServicePortRules,
     StreamedRuleset,
     is_large_cluster,
-    port_order,
     render_service_port,
-    service_order,
     stream_document,
 )
 from pyproxy.iptables.restore import Iptables, canary_exists
@@ -43,6 +41,8 @@ from pyproxy.proxystate import (
     ServicePortState,
     ServiceStates,
     count_endpoints,
+    port_order,
+    service_order,
 )
 
 logger = structlog.get_logger("pyproxy")

@@ -37,10 +37,8 @@ from pyproxy.iptables.vocabulary import (
     FILTER_CHAINS,
     KUBE_EXTERNAL_SERVICES,
     KUBE_FIREWALL,
-    KUBE_FORWARD,
     KUBE_MARK_MASQ,
     KUBE_NODEPORTS,
-    KUBE_POSTROUTING,
     KUBE_PROXY_FIREWALL,
     KUBE_SERVICES,
     MANGLE_CANARY,
@@ -51,34 +49,27 @@ from pyproxy.iptables.vocabulary import (
     endpoint_chain,
     external_chain,
     firewall_chain,
+    fixed_filter_rules,
+    fixed_nat_rules,
     hook_inserts,
     is_service_chain,
     local_chain,
     restore_document,
     service_chain,
 )
-from pyproxy.model import IPFamily, NamespacedName
+from pyproxy.model import IPFamily
 from pyproxy.proxystate import (
-    CT_STATE_INVALID_DROPPED_NFACCT_COUNTER,
     LARGE_CLUSTER_ENDPOINTS_THRESHOLD,
     LOCALHOST_NODEPORT_ACCEPTED_NFACCT_COUNTER,
     ProxierConfig,
     ServicePortState,
+    port_order,
+    service_order,
 )
 from pyproxy.serviceport import EndpointInfo, ServicePortName
 
 NODEPORTS_COMMENT = '"kubernetes service nodeports; NOTE: this must be the last rule in this chain"'
 _NODEPORTS_RULE = f"-A {KUBE_SERVICES} -m comment --comment {NODEPORTS_COMMENT}"
-
-
-def service_order(name: NamespacedName) -> tuple[str, str]:
-    """Output order of Services (upstream's is random: it walks a Go map)."""
-    return (name.namespace, name.name)
-
-
-def port_order(state: ServicePortState) -> tuple[str, str]:
-    """Output order of one Service's ports."""
-    return (state.info.name.port, state.info.protocol.value)
 
 
 def probability(n: int) -> str:
@@ -381,51 +372,6 @@ def render_service_port(
 
 
 # --- the whole ruleset --------------------------------------------------------------------
-
-
-def fixed_filter_rules(config: ProxierConfig) -> tuple[list[str], list[str]]:
-    """(rules written before the services, rules written after), as upstream orders them."""
-    before: list[str] = []
-    if config.family is IPFamily.IPv4 and config.localhost_nodeports:
-        # route_localnet opens 127.0.0.0/8 to the network (CVE-2020-8558); kubelet has this too.
-        before.append(
-            f'-A {KUBE_FIREWALL} -m comment --comment "block incoming localnet connections"'
-            " -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT"
-            " -j DROP"
-        )
-    mark = config.masquerade_mark
-    after: list[str] = []
-    if not config.conntrack_tcp_be_liberal:
-        counted = (
-            f" -m nfacct --nfacct-name {CT_STATE_INVALID_DROPPED_NFACCT_COUNTER}"
-            if CT_STATE_INVALID_DROPPED_NFACCT_COUNTER in config.nfacct_counters
-            else ""
-        )
-        after.append(f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID{counted} -j DROP")
-    after.append(
-        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding rules"'
-        f" -m mark --mark {mark}/{mark} -j ACCEPT"
-    )
-    after.append(
-        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding conntrack rule"'
-        " -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-    )
-    return before, after
-
-
-def fixed_nat_rules(config: ProxierConfig, *, random_fully: bool = True) -> list[str]:
-    mark = config.masquerade_mark
-    masquerade = (
-        f'-A {KUBE_POSTROUTING} -m comment --comment "kubernetes service traffic requiring SNAT"'
-        " -j MASQUERADE"
-    )
-    return [
-        f"-A {KUBE_POSTROUTING} -m mark ! --mark {mark}/{mark} -j RETURN",
-        # Clear the mark so a packet that re-traverses the stack is not masqueraded twice.
-        f"-A {KUBE_POSTROUTING} -j MARK --xor-mark {mark}",
-        masquerade + (" --random-fully" if random_fully else ""),
-        f"-A {KUBE_MARK_MASQ} -j MARK --or-mark {mark}",
-    ]
 
 
 def nodeports_jump_rules(config: ProxierConfig) -> list[str]:

@@ -67,6 +67,7 @@ BUILTIN_TARGETS = frozenset(
     }
 )  # fmt: skip
 
+
 class RulesetParseError(PyproxyError, ValueError):
     """The text is not structurally valid iptables-restore / iptables-save data."""
 

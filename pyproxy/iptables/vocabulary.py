@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from pyproxy.model import IPFamily
-from pyproxy.proxystate import ProxierConfig
+from pyproxy.proxystate import CT_STATE_INVALID_DROPPED_NFACCT_COUNTER, ProxierConfig
 from pyproxy.serviceport import ServicePortName
 
 # --- chain names --------------------------------------------------------------------------
@@ -290,3 +290,51 @@ def restore_document(
             "COMMIT\n",
         ]
     return "".join(parts)
+
+
+# --- the fixed rules of the fixed chains (iptables and ipvs modes) ----------------------
+
+
+def fixed_filter_rules(config: ProxierConfig) -> tuple[list[str], list[str]]:
+    """(rules written before the services, rules written after), as upstream orders them."""
+    before: list[str] = []
+    if config.family is IPFamily.IPv4 and config.localhost_nodeports:
+        # route_localnet opens 127.0.0.0/8 to the network (CVE-2020-8558); kubelet has this too.
+        before.append(
+            f'-A {KUBE_FIREWALL} -m comment --comment "block incoming localnet connections"'
+            " -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT"
+            " -j DROP"
+        )
+    mark = config.masquerade_mark
+    after: list[str] = []
+    if not config.conntrack_tcp_be_liberal:
+        counted = (
+            f" -m nfacct --nfacct-name {CT_STATE_INVALID_DROPPED_NFACCT_COUNTER}"
+            if CT_STATE_INVALID_DROPPED_NFACCT_COUNTER in config.nfacct_counters
+            else ""
+        )
+        after.append(f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID{counted} -j DROP")
+    after.append(
+        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding rules"'
+        f" -m mark --mark {mark}/{mark} -j ACCEPT"
+    )
+    after.append(
+        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding conntrack rule"'
+        " -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    )
+    return before, after
+
+
+def fixed_nat_rules(config: ProxierConfig, *, random_fully: bool = True) -> list[str]:
+    mark = config.masquerade_mark
+    masquerade = (
+        f'-A {KUBE_POSTROUTING} -m comment --comment "kubernetes service traffic requiring SNAT"'
+        " -j MASQUERADE"
+    )
+    return [
+        f"-A {KUBE_POSTROUTING} -m mark ! --mark {mark}/{mark} -j RETURN",
+        # Clear the mark so a packet that re-traverses the stack is not masqueraded twice.
+        f"-A {KUBE_POSTROUTING} -j MARK --xor-mark {mark}",
+        masquerade + (" --random-fully" if random_fully else ""),
+        f"-A {KUBE_MARK_MASQ} -j MARK --or-mark {mark}",
+    ]

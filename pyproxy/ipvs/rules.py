@@ -33,7 +33,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pyproxy.iptables.kernelview import KernelView, TableView
-from pyproxy.iptables.render import fixed_filter_rules, fixed_nat_rules
 from pyproxy.iptables.vocabulary import (
     FILTER_CHAINS as IPTABLES_FILTER_CHAINS,
 )
@@ -46,6 +45,8 @@ from pyproxy.iptables.vocabulary import (
     KUBE_SERVICES,
     JumpRule,
     TableSection,
+    fixed_filter_rules,
+    fixed_nat_rules,
     is_service_chain,
     jump_rules,
     restore_document,

@@ -63,4 +63,3 @@ def test_every_golden_file_is_the_reviewed_content() -> None:
         " against the reference, then record it with .venv/bin/python hack/review_golden.py "
         + " ".join(f"tests/golden/{n}" for n in changed)
     )
-

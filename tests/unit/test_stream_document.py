@@ -22,15 +22,13 @@ from pyproxy.iptables.render import (
     StreamedRuleset,
     assemble_ruleset,
     is_large_cluster,
-    port_order,
     render_service_port,
-    service_order,
     stream_document,
 )
 from pyproxy.iptables.restore_text import parse_ruleset
 from pyproxy.iptables.vocabulary import jump_rules
 from pyproxy.options import parse_options, proxier_configs
-from pyproxy.proxystate import count_endpoints, desired_state
+from pyproxy.proxystate import count_endpoints, desired_state, port_order, service_order
 
 #: Chains an earlier sync left behind: deleted unless still active.
 STALE = ("KUBE-SVC-AAAAAAAAAAAAAAAA", "KUBE-SEP-BBBBBBBBBBBBBBBB", "NOT-OURS")
