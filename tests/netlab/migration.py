@@ -520,7 +520,7 @@ def set_endpoints(
 # --- the migration ------------------------------------------------------------------------------
 
 
-def migrate(
+def migrate(  # noqa: PLR0915 - the phases in the order they run
     lab: Lab,
     api: kubernetes.client.ApiClient,
     namespace: str,
