@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 _TIMELINE = re.compile(r'"event":"(listed|synced)"|Caches are synced|SyncProxyRules complete')
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - the script's steps top to bottom
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--size", type=int, default=10000)
     parser.add_argument("--repeat", type=int, default=3)

@@ -278,7 +278,7 @@ def write(out: Path, entries: list[dict[str, Any]], meta: dict[str, Any]) -> Non
     (out / "latest.md").write_text(report(merged))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - the script's steps top to bottom
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,10000,30000")
     parser.add_argument("--backends", default="legacy,nft")

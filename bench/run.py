@@ -194,7 +194,7 @@ def restore_objects(api: Api, n: int, changes: int, new_services: int) -> None:
 # --- one proxy run ------------------------------------------------------------------------------
 
 
-def one_run(
+def one_run(  # noqa: PLR0915 - one measured run, its steps in the order they happen
     *,
     proxy: str,
     n: int,
@@ -591,7 +591,7 @@ def interleaved(proxies: Sequence[str], repeat: int) -> list[str]:
     return list(proxies) if repeat % 2 == 0 else list(reversed(proxies))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - the script's steps top to bottom
     args = parse_args(argv)
     # Clean up (proxy, namespace, control plane) on SIGTERM and on SIGINT even when started in
     # the background, where the shell ignores SIGINT.

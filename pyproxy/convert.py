@@ -222,13 +222,18 @@ def is_ignored_by_label(obj: Mapping[str, object]) -> bool:
 # --- Service ------------------------------------------------------------------------------
 
 
-def service_from_api(
+def service_from_api(  # noqa: PLR0912, PLR0915 - reason in the docstring
     obj: Mapping[str, object], problems: list[InvalidObject] | None = None
 ) -> Service | None:
     """A Service, or None when kube-proxy ignores it (headless, ExternalName, other proxy).
 
     Source ranges that do not parse are left out and reported in `problems`, as upstream
-    ignores them; anything else invalid raises."""
+    ignores them; anything else invalid raises.
+
+    Long on purpose: one field after another in the order of the API type, each checked as
+    upstream's validation does; split up, the checks would scatter over helpers that each need the
+    whole object.
+    """
     r = _Reader("Service", obj)
     if is_ignored_by_label(obj):
         return None
@@ -393,7 +398,7 @@ def _parse_trigger_time(value: object) -> float | None:
         return None
 
 
-def endpoint_slice_from_api(
+def endpoint_slice_from_api(  # noqa: PLR0912, PLR0915 - reason in the docstring
     obj: Mapping[str, object], problems: list[InvalidObject] | None = None
 ) -> EndpointSlice | None:
     """An EndpointSlice, or None when ignored (FQDN, headless, another proxy's).
@@ -401,6 +406,8 @@ def endpoint_slice_from_api(
     An endpoint whose address is invalid or of the other family is dropped on its own, with an
     InvalidObject appended to `problems` (as upstream skips it); anything wrong at the slice
     level raises.
+
+    Long on purpose: one field after another in the order of the API type, as service_from_api.
     """
     r = _Reader("EndpointSlice", obj)
     if is_ignored_by_label(obj):

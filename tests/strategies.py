@@ -73,7 +73,7 @@ def _conditions(draw: st.DrawFn) -> tuple[bool, bool, bool]:
 
 
 @st.composite
-def random_states(draw: st.DrawFn, *, max_services: int = 4) -> RandomState:
+def random_states(draw: st.DrawFn, *, max_services: int = 4) -> RandomState:  # noqa: PLR0912, PLR0915 - one draw per field of the state
     node_families = draw(st.sampled_from([("IPv4",), ("IPv6",), ("IPv4", "IPv6")]))
     args = ["--hostname-override", TEST_NODE]
     for family in node_families:

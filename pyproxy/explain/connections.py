@@ -313,6 +313,11 @@ def trace_connection(
     target: Target,
     source: SourceChoice,
 ) -> Connection:
+    """Trace one connection `source` would open to `target` through the node's rules.
+
+    Long on purpose: one connection's story in the order it happens (packet built, rules traced,
+    verdict, endpoint reached, reply), each step using the previous one's result.
+    """
     svc_port = (
         None
         if target.service_port is None

@@ -24,9 +24,14 @@ from pyproxy.model import IPFamily, LoadBalancerIPMode, NamespacedName, ServiceP
 from pyproxy.policy import TopologyMode, available_for_topology
 
 
-def port_diagnoses(
+def port_diagnoses(  # noqa: PLR0912, PLR0915 - reason in the docstring
     ctx: ServiceContext, ports: Sequence[ServicePort], views: Sequence[EndpointView]
 ) -> list[Diagnosis]:
+    """What is wrong or surprising about these service ports and their endpoints, as diagnoses.
+
+    Long on purpose: a flat list of independent checks, each appending its diagnosis; one after the
+    other they read as the checklist they are.
+    """
     out: list[Diagnosis] = []
     total = sum(len(s.endpoints) for s in ctx.slices)
     if not ctx.slices or total == 0:

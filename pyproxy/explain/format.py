@@ -121,7 +121,7 @@ def _usage_text(usage: Usage | None, style: Style) -> str:
     return style.paint("not used", "red") + f": {usage.reason}"
 
 
-def _endpoint_section(ex: Explanation, style: Style) -> list[str]:
+def _endpoint_section(ex: Explanation, style: Style) -> list[str]:  # noqa: PLR0912 - one branch per endpoint condition the table shows
     views = ex.endpoints
     if not views:
         return []
@@ -217,8 +217,12 @@ def _source_text(ex: Explanation, family: IPFamily) -> str:
     return f"{s.address} ({kind})"
 
 
-def format_explanation(ex: Explanation, style: Style = Style()) -> str:
-    """The text `pyproxy explain` prints (plain when `style` says so)."""
+def format_explanation(ex: Explanation, style: Style = Style()) -> str:  # noqa: PLR0912, PLR0915 - reason in the docstring
+    """The text `pyproxy explain` prints (plain when `style` says so).
+
+    Long on purpose: the printed text top to bottom, section after section, so the code reads in the
+    order of the output.
+    """
     lines: list[str] = []
     b = style.tables  # terminal layout
     svc = ex.spec

@@ -198,7 +198,7 @@ def _select_ports(
     return (), None
 
 
-def explain_service(
+def explain_service(  # noqa: PLR0912, PLR0915 - reason in the docstring
     cluster: ClusterState,
     configs: Sequence[ProxierConfig],
     name: NamespacedName,
@@ -217,6 +217,9 @@ def explain_service(
     --cluster-cidr, else an example external client). Raises ValueError for a bad `source`.
     `complete` traces over every Service's rules instead of only those that can match the
     traced packets (same result, slower; see `_family_rules`).
+
+    Long on purpose: the report is assembled in the order it is printed (Service, ports, endpoints,
+    connections, diagnoses), each part using the ones before.
     """
     extras = extras or ServiceExtras()
     if source is not None and source != "node":

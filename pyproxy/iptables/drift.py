@@ -175,6 +175,9 @@ def ruleset_drift(desired_text: str, actual_text: str, family: IPFamily) -> tupl
     pyproxy would program (`desired_text`, see `desired_document`).
 
     Raises RulesetParseError when either text is not iptables-restore/-save data.
+
+    Long on purpose: one pass over both parsed rulesets, table by table and chain by chain, each
+    step using what the previous found.
     """
     desired = parse_ruleset(desired_text)
     actual = parse_ruleset(actual_text)

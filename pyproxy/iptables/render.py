@@ -137,10 +137,15 @@ def _service_to_endpoint_rules(
             out.append(f"-A {chain}{comment(ep)} -j {sep}")
 
 
-def render_service_port(
+def render_service_port(  # noqa: PLR0912, PLR0915 - reason in the docstring
     state: ServicePortState, config: ProxierConfig, *, large_cluster_mode: bool = False
 ) -> ServicePortRules:
-    """Upstream's per-service-port body of syncProxyRules, for one service port."""
+    """Upstream's per-service-port body of syncProxyRules, for one service port.
+
+    Long on purpose: it follows upstream's per-service-port body of syncProxyRules (proxier.go)
+    statement for statement, so the two read side by side, and the order of its statements is the
+    order of the output.
+    """
     info = state.info
     cat = state.categorized
     spn_obj = info.name

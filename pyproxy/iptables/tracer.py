@@ -243,8 +243,12 @@ def _addrtype_matches(types: str, local: bool, ip: IPAddress) -> bool:
     return kind in types.upper().split(",")
 
 
-def _evaluate(rule: Rule, pkt: _Packet, state: _PathState) -> tuple[_Eval, str]:
-    """Whether ``rule``'s match part matches; cheap and selective checks first."""
+def _evaluate(rule: Rule, pkt: _Packet, state: _PathState) -> tuple[_Eval, str]:  # noqa: PLR0912, PLR0915 - reason in the docstring
+    """Whether ``rule``'s match part matches; cheap and selective checks first.
+
+    Long on purpose: one check per match kind, in one function because their order (cheap and
+    selective first) is what keeps tracing fast.
+    """
     if rule.dport is not None and (
         pkt.protocol not in _PORT_PROTOCOLS or not rule.dport.matches(pkt.dport)
     ):
@@ -454,10 +458,13 @@ class _Pass:
         finally:
             self.stack.pop()
 
-    def apply_target(
+    def apply_target(  # noqa: PLR0912 - reason in the docstring
         self, name: str, index: int, rule: Rule, state: _PathState, depth: int
     ) -> bool | None:
-        """Act on a matched rule: None = continue with the next rule, else return that."""
+        """Act on a matched rule: None = continue with the next rule, else return that.
+
+        Long on purpose: one branch per target kind, all acting on the same packet and trace.
+        """
         tracer = self.tracer
         target = rule.target
         raw = rule.raw
@@ -576,7 +583,7 @@ def _parse_states(ctstate: str | Iterable[str] | None) -> frozenset[str] | None:
     return frozenset(p.strip().upper() for p in parts if p.strip())
 
 
-def trace_packet(
+def trace_packet(  # noqa: PLR0912, PLR0915 - reason in the docstring
     ruleset: Ruleset,
     *,
     src: str,
@@ -606,6 +613,9 @@ def trace_packet(
     chains, "builtin" = walk from PREROUTING/OUTPUT and INPUT/FORWARD/OUTPUT, "auto" = per
     table, "builtin" when a built-in chain jumps to a ``KUBE-*`` chain.
     Raises ValueError for invalid addresses or mixed IP families.
+
+    Long on purpose: the walk through the hooks in netfilter's order (nat then filter, PREROUTING or
+    OUTPUT first) reads as one sequence.
     """
     src_ip = ipaddress.ip_address(src)
     dst_ip = ipaddress.ip_address(dst)

@@ -134,7 +134,7 @@ def _set_match(spec: IpsetSpec, match: str) -> str:
     return f'-m comment --comment "{spec.comment}" -m set --match-set {spec.name} {match}'
 
 
-def render_rules(
+def render_rules(  # noqa: PLR0912 - reason in the docstring
     sets: Mapping[str, tuple[IpsetSpec, frozenset[str]]],
     config: ProxierConfig,
     no_node_access: Sequence[LoadBalancerNoNodeAccess] = (),
@@ -142,7 +142,12 @@ def render_rules(
     random_fully: bool = True,
 ) -> IpvsRuleset:
     """Upstream's writeIptablesRules. `sets` maps each set's base (IPv4) name to its spec and
-    planned members; rules that match a set are written only when it has members."""
+    planned members; rules that match a set are written only when it has members.
+
+    Long on purpose: it follows upstream's writeIptablesRules (ipvs/proxier.go) statement for
+    statement, so the two read side by side, and the order of its statements is the order of the
+    output.
+    """
     nat: list[str] = []
     filt: list[str] = []
 

@@ -192,7 +192,7 @@ class NftablesProxier:
                 rendered[name] = tuple(render_service_port(p, self.config) for p in ports)
         return rendered
 
-    def _full_sync(self, states: ServiceStates | LazyStates, now: float) -> SyncResult:
+    def _full_sync(self, states: ServiceStates | LazyStates, now: float) -> SyncResult:  # noqa: PLR0912, PLR0915 - upstream's syncProxyRules steps in order
         fam = self.fam
         kernel = self.nft.names()
         base = render_base(self.config, self._service_cidrs)
@@ -291,7 +291,7 @@ class NftablesProxier:
 
     # --- partial sync ----------------------------------------------------------------------
 
-    def _partial_sync(
+    def _partial_sync(  # noqa: PLR0912, PLR0915 - upstream's syncProxyRules steps in order
         self, states: ServiceStates | LazyStates, changed: Collection[NamespacedName] | None
     ) -> SyncResult:
         fam = self.fam

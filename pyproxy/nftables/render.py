@@ -291,7 +291,12 @@ def nodeport_ips(config: ProxierConfig) -> tuple[str, ...] | None:
 
 
 def render_base(config: ProxierConfig, service_cidrs: Sequence[IPNetwork] = ()) -> BaseObjects:
-    """Upstream's setupNFTables, for a table created from nothing."""
+    """Upstream's setupNFTables, for a table created from nothing.
+
+    Long on purpose: it follows upstream's setupNFTables (nftables/proxier.go) statement for
+    statement, so the two read side by side, and the order of its statements is the order of the
+    output.
+    """
     family = config.family
     ipx = family_keyword(family)
     addr = _addr_type(family)
@@ -432,8 +437,13 @@ def _service_to_endpoint_rules(
     return out
 
 
-def render_service_port(state: ServicePortState, config: ProxierConfig) -> ServicePortObjects:
-    """Upstream's per-service-port body of syncProxyRules (nftables), for one service port."""
+def render_service_port(state: ServicePortState, config: ProxierConfig) -> ServicePortObjects:  # noqa: PLR0912, PLR0915 - reason in the docstring
+    """Upstream's per-service-port body of syncProxyRules (nftables), for one service port.
+
+    Long on purpose: it follows upstream's per-service-port body of syncProxyRules
+    (nftables/proxier.go) statement for statement, so the two read side by side, and the order of
+    its statements is the order of the output.
+    """
     info = state.info
     cat = state.categorized
     spn = info.name

@@ -454,7 +454,7 @@ class ListWatch:
             return _Stopped()
         return _Unavailable(f"{type(err).__name__}: {err}")
 
-    def _watch(self) -> bool:
+    def _watch(self) -> bool:  # noqa: PLR0912, PLR0915 - each stream outcome handled where it is read
         """One watch request from the current resourceVersion, until the server ends it or the
         connection breaks. Returns whether any event arrived (progress). Raises _Expired on 410."""
         # client-go's spread: between watch_timeout and twice that, so watchers don't reconnect

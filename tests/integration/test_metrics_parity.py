@@ -1,8 +1,8 @@
 """pyproxy's agent exports every kubeproxy_* metric kube-proxy v1.34.4 exported on the same node.
 
-kube_proxy_metric_names.json is what `hack/metrics_parity.py` scraped from upstream kube-proxy
-(iptables mode, a few Services, one endpoint change, /healthz and /livez asked); the table is
-docs/metrics-parity.md. Here the agent runs against the real apiserver through a similar
+kube_proxy_metric_names.json is what `python -m bench.metrics_parity` scraped from upstream
+kube-proxy (iptables mode, a few Services, one endpoint change, /healthz and /livez asked); the
+table is docs/metrics-parity.md. Here the agent runs against the real apiserver through a similar
 sequence, and its /metrics must contain every one of those families with at least one sample,
 except those listed in NOT_EXPORTED (none today).
 """

@@ -8,8 +8,8 @@ write the same iptables chains, so neither switch needs a cleanup: the new proxy
 sync rewrites the old one's chains in one iptables-restore while the old rules keep serving.
 
 The test runs the real kube-proxy v1.34.4 and pyproxy one after the other in netlab's node-a
-(see migration.py), with 20 new TCP connections per second to a ClusterIP and to a NodePort from
-an outside client, and counts failed connections per phase: a count, never a time. The
+(see tests/netlab/migration.py), with 20 new TCP connections per second to a ClusterIP and to a
+NodePort from an outside client, and counts failed connections per phase: a count, never a time. The
 "cleanup" procedure is run too and must fail the same assertion (strict xfail), which shows the
 assertion can fail. The takeover is also run from kube-proxy in nftables mode, whose tables
 pyproxy deletes once its own rules are in (pyproxy/nftleftovers.py).
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import kubernetes
 import pytest
-from migration import PHASES, Lab, create_objects, delete_node, markdown, migrate
 from netlab import Cluster
 from netlab.controlplane import ControlPlane
 from netlab.fixtures import cluster_fixture
+from netlab.migration import PHASES, Lab, create_objects, delete_node, markdown, migrate
 
 pytestmark = [pytest.mark.integration, pytest.mark.kernel]
 

@@ -95,7 +95,7 @@ class Tracer:
     outputs: list[str] = field(default_factory=list)
     mark_masq: bool = False
 
-    def run_chain(self, chain: str, src: str, proto: str, dst: str, dport: str) -> bool:
+    def run_chain(self, chain: str, src: str, proto: str, dst: str, dport: str) -> bool:  # noqa: PLR0912, PLR0915 - one branch per nft statement kind
         if chain not in self.table.rules:
             raise TraceError(f"unknown chain {chain!r}")
         for original in self.table.rules[chain]:

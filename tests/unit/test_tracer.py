@@ -869,7 +869,7 @@ def test_sort_ruleset_text() -> None:
 
 def test_parse_is_lazy() -> None:
     # ~2k lines; rule options are only parsed when a chain's rules are read. How long parsing
-    # takes is measured by hack/bench_tracer.py, not asserted here (a loaded runner is slow).
+    # takes is measured by python -m bench.tracer, not asserted here (a loaded runner is slow).
     lines = ["*nat", ":KUBE-SERVICES - [0:0]"]
     for i in range(500):
         svc = f"KUBE-SVC-{i:016d}"

@@ -3,7 +3,7 @@
 Moved here from tests/unit/test_tracer.py, which asserted a wall-clock bound (flaky on a loaded
 runner); the unit test keeps checking that rules are parsed lazily. Prints one row per size:
 
-    .venv/bin/python hack/bench_tracer.py [SERVICES ...]     # default: 500 5000 25000
+    .venv/bin/python -m bench.tracer [SERVICES ...]     # default: 500 5000 25000
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Failed requests while a node switches from kube-proxy to pyproxy and back (not a test).
 
-    sudo .venv/bin/python hack/bench_migration.py [--procedures cleanup,takeover]
+    sudo .venv/bin/python -m bench.migration [--procedures cleanup,takeover]
         [--kube-proxy-modes iptables,nftables] [--steady 20] [--after 30] [--rate 20] [--out docs]
 
 For each procedure, in a fresh netlab cluster (node-a with pods a1, a2; node-b with b1; one
@@ -23,7 +22,7 @@ sync; the rollback goes to kube-proxy in iptables mode). Writes <out>/migration-
 (every count, the timeline of events, the KUBE-* chains and rules after each proxy's first sync
 and their differences) and <out>/migration-results.md (the table); prints the table. The
 committed copies in docs/ are the figures of record (bench/results/ is not committed). The
-machinery is tests/integration/migration.py, which tests/integration/test_migration.py uses
+machinery is tests/netlab/migration.py, which tests/integration/test_migration.py uses
 with shorter phases to assert zero failures for "takeover".
 """
 
@@ -40,14 +39,11 @@ import time
 import uuid
 from pathlib import Path
 
-HACK = Path(__file__).resolve().parent
-REPO = HACK.parent
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "tests" / "integration"))
+import kubernetes
 
-import kubernetes  # noqa: E402
-from controlplane import ControlPlane, api_client, find_bin_dir  # noqa: E402
-from migration import (  # noqa: E402
+from tests.netlab import Cluster
+from tests.netlab.controlplane import ControlPlane, api_client, find_bin_dir
+from tests.netlab.migration import (
     PROCEDURES,
     SLOW,
     Lab,
@@ -58,7 +54,8 @@ from migration import (  # noqa: E402
     markdown,
     migrate,
 )
-from netlab import Cluster  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 T0 = time.monotonic()
 
@@ -117,7 +114,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": "migration",
-        "command": "sudo .venv/bin/python hack/bench_migration.py "
+        "command": "sudo .venv/bin/python -m bench.migration "
         + " ".join(
             [
                 f"--procedures {args.procedures}",

@@ -1,7 +1,7 @@
 """Switching one node from upstream kube-proxy to pyproxy and back, under load, counting failures.
 
 Shared by tests/integration/test_migration.py (asserts zero failed requests with the takeover
-procedure) and hack/bench_migration.py (counts per phase and target for both procedures). Real
+procedure) and python -m bench.migration (counts per phase and target for both procedures). Real
 parts only: the real kube-apiserver (controlplane.py), the real kube-proxy v1.34.4 binary built by
 hack/build-control-plane.sh, pyproxy from this checkout, both in netlab's node-a namespace with
 iptables-nft, and real TCP connections from netlab's client namespace to a ClusterIP (routed to
@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
-from netlab import Client, Cluster, Proc, Reply, tcp_ask
+
+from . import Client, Cluster, Proc, Reply, tcp_ask
 
 PROCEDURES = ("cleanup", "takeover")
 PHASES = ("kube-proxy", "takeover", "pyproxy", "rollback", "after")
@@ -519,7 +520,7 @@ def set_endpoints(
 # --- the migration ------------------------------------------------------------------------------
 
 
-def migrate(
+def migrate(  # noqa: PLR0915 - the phases in the order they run
     lab: Lab,
     api: kubernetes.client.ApiClient,
     namespace: str,

@@ -1,12 +1,11 @@
-#!/usr/bin/env python3
 """nftables mode's kernel side alone, in a throwaway network namespace (no API server).
 
-    sudo .venv/bin/python hack/bench_nftables.py [--size 1000] [--endpoints 5] [--repeat 5]
+    sudo .venv/bin/python -m bench.nftables [--size 1000] [--endpoints 5] [--repeat 5]
 
 N ClusterIP+NodePort Services x E endpoints, as a state in memory. Prints: the full sync (render
 + one `nft -f -` from nothing; seconds and transaction bytes), then `--repeat` partial syncs of
 one endpoint change and of one new Service (median seconds, bytes). A first look for issue 13's
-targets (partial-sync bytes independent of N); not the benchmark of record (hack/bench.py,
+targets (partial-sync bytes independent of N); not the benchmark of record (bench.run,
 against kube-proxy through the API server), and not a test.
 """
 
@@ -18,10 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pyproxy.convert import state_from_objects
 from pyproxy.model import NamespacedName
