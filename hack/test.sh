@@ -11,6 +11,10 @@
 # 5. pytest: unit, kernel (root, real iptables in network namespaces), integration (real
 #    apiserver + etcd), then the vm tier inside the VM. Nothing is skipped: a missing
 #    prerequisite is a failure.
+# 6. kind tier: hack/kind-up.sh (a real 3-node kind cluster, kubeProxyMode none, pyproxy's
+#    DaemonSet in iptables mode; with no registry it builds every image locally, cached),
+#    hack/e2e-kind.sh (traffic checks from real pods), then hack/kind-down.sh, also when
+#    a step fails. IPVS mode stays in the vm tier: the host kernel has no IP_VS.
 set -euo pipefail
 # shellcheck source=hack/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -36,5 +40,17 @@ log "== pytest: unit, kernel, integration"
 
 log "== pytest: vm tier (IPVS) inside the VM"
 hack/vm.sh run -- "$VENV/bin/python" -m pytest tests/vm -m vm -p no:cacheprovider "$@"
+
+log "== kind tier: pyproxy as the DaemonSet of a real kind cluster"
+t=$(now)
+# The kind tier starts its own engine; it must be gone afterwards whatever happened.
+trap 'hack/kind-down.sh || log "kind-down failed: clean up with hack/kind-down.sh"' EXIT
+hack/kind-up.sh
+log "kind-up done in $(elapsed "$t") s"
+t=$(now)
+hack/e2e-kind.sh
+log "e2e-kind done in $(elapsed "$t") s"
+hack/kind-down.sh
+trap - EXIT
 
 log "all tests passed in $(elapsed "$start") s"
