@@ -26,6 +26,8 @@
 #                                               (never builds; exits 1 if they are missing)
 #   hack/build-control-plane.sh --with-node [...]  the same, and also kubelet, kubeadm,
 #                                               kube-scheduler and agnhost (for kind nodes)
+#   hack/build-control-plane.sh --with-e2e [...]   the same, and also upstream's e2e.test
+#                                               (sig-network specs) and ginkgo
 set -euo pipefail
 
 K8S_VERSION=v1.34.4
@@ -42,13 +44,20 @@ ALL_BINARIES=("${K8S_BINARIES[@]}" etcd)
 # dependency set, which the other tiers use, stays as it is.
 NODE_PACKAGES=(cmd/kubelet cmd/kubeadm cmd/kube-scheduler test/images/agnhost)
 NODE_BINARIES=(kubelet kubeadm kube-scheduler agnhost)
+# With --with-e2e, also upstream's e2e.test (the sig-network specs only; the test
+# package is hack/kind/e2e/e2e_test.go, compiled with `go test -c`) and the ginkgo CLI
+# at the version kubernetes requires. The release's test tarball is on dl.k8s.io,
+# which CI cannot reach.
+E2E_PACKAGES=(github.com/onsi/ginkgo/v2/ginkgo)
+E2E_BINARIES=(e2e.test ginkgo)
+E2E_TEST_SOURCE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/kind/e2e/e2e_test.go"
 
 log() { printf '[build-control-plane] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 all_built() {
     local b
-    for b in "${ALL_BINARIES[@]}" "${WANTED_NODE_BINARIES[@]}"; do
+    for b in "${ALL_BINARIES[@]}" "${WANTED_NODE_BINARIES[@]}" "${WANTED_E2E_BINARIES[@]}"; do
         [[ -x "$BIN_DIR/$b" ]] || return 1
     done
 }
@@ -73,6 +82,14 @@ write_module() {
         printf 'module %s\n\ngo %s\n\n' "$name" "$go_version"
         cat
     } >"$dir/go.mod"
+}
+
+# full_package PKG: PKG as an import path (paths without a domain are in k8s.io/kubernetes).
+full_package() {
+    case "${1%%/*}" in
+        *.*) echo "$1" ;;
+        *) echo "k8s.io/kubernetes/$1" ;;
+    esac
 }
 
 # build_kubernetes MODULE_SUFFIX PACKAGE...: build PACKAGE... (paths inside
@@ -107,10 +124,15 @@ build_kubernetes() {
         done
         printf ')\n\ntool (\n'
         for m in "${packages[@]}"; do
-            printf '\tk8s.io/kubernetes/%s\n' "$m"
+            printf '\t%s\n' "$(full_package "$m")"
         done
         printf ')\n'
     } | write_module "$src" "pyproxy.local/control-plane/kubernetes$suffix" 1.24.0
+    if [[ "$suffix" == -e2e ]]; then
+        # A test package of the helper module itself: `go mod tidy` resolves its imports.
+        mkdir -p "$src/e2e"
+        cp "$E2E_TEST_SOURCE" "$src/e2e/e2e_test.go"
+    fi
 
     log "go mod tidy (downloads the modules on a cold cache)"
     (cd "$src" && "$GO" mod tidy)
@@ -128,12 +150,17 @@ build_kubernetes() {
     mkdir -p "$stage"
     log "building ${packages[*]} (the slow part: 10-25 minutes cold on 2 cores)"
     local pkgs=()
-    for m in "${packages[@]}"; do pkgs+=("k8s.io/kubernetes/$m"); done
+    for m in "${packages[@]}"; do pkgs+=("$(full_package "$m")"); done
     (cd "$src" && "$GO" build -p 2 -trimpath -ldflags="$ldflags" -o "$stage/" "${pkgs[@]}")
     mkdir -p "$BIN_DIR"
     for m in "${packages[@]}"; do
         mv -f "$stage/${m##*/}" "$BIN_DIR/${m##*/}"
     done
+    if [[ "$suffix" == -e2e ]]; then
+        log "building e2e.test (go test -c of the sig-network specs)"
+        (cd "$src" && "$GO" test -c -p 2 -trimpath -ldflags="$ldflags" -o "$stage/e2e.test" ./e2e)
+        mv -f "$stage/e2e.test" "$BIN_DIR/e2e.test"
+    fi
     log "kubernetes binaries built in $((SECONDS - started))s"
 }
 
@@ -154,17 +181,22 @@ build_etcd() {
 
 main() {
     WANTED_NODE_BINARIES=()
-    if [[ "${1:-}" == --with-node ]]; then
-        WANTED_NODE_BINARIES=("${NODE_BINARIES[@]}")
+    WANTED_E2E_BINARIES=()
+    while [[ "${1:-}" == --with-* ]]; do
+        case "$1" in
+            --with-node) WANTED_NODE_BINARIES=("${NODE_BINARIES[@]}") ;;
+            --with-e2e) WANTED_E2E_BINARIES=("${E2E_BINARIES[@]}") ;;
+            *) die "unknown option $1" ;;
+        esac
         shift
-    fi
+    done
     case "${1:-}" in
         --print-bin-dir)
             all_built || die "control plane not built in $BIN_DIR; run hack/build-control-plane.sh"
             echo "$BIN_DIR"
             return ;;
         "") ;;
-        *) die "usage: $0 [--with-node] [--print-bin-dir]" ;;
+        *) die "usage: $0 [--with-node] [--with-e2e] [--print-bin-dir]" ;;
     esac
 
     if all_built; then
@@ -201,6 +233,12 @@ main() {
     for b in "${WANTED_NODE_BINARIES[@]}"; do
         if [[ ! -x "$BIN_DIR/$b" ]]; then
             build_kubernetes -node "${NODE_PACKAGES[@]}"
+            break
+        fi
+    done
+    for b in "${WANTED_E2E_BINARIES[@]}"; do
+        if [[ ! -x "$BIN_DIR/$b" ]]; then
+            build_kubernetes -e2e "${E2E_PACKAGES[@]}"
             break
         fi
     done

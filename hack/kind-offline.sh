@@ -329,15 +329,22 @@ build_test_images() {
 }
 
 build_component_images() {
-    local b
-    for b in kube-apiserver kube-controller-manager kube-scheduler kube-proxy; do
+    local b ctx
+    for b in kube-apiserver kube-controller-manager kube-scheduler; do
         tiny_image "registry.k8s.io/$b:$K8S_VERSION" "[\"/usr/local/bin/$b\"]" "$CP_BIN/$b"
     done
-    tiny_image "registry.k8s.io/etcd:$ETCD_IMAGE_TAG" '["/usr/local/bin/etcd"]' "$CP_BIN/etcd"
-    tiny_image "registry.k8s.io/coredns/coredns:$COREDNS_VERSION" '["/coredns"]' "$KIND_CACHE/bin/coredns"
-    if ! docker image inspect "registry.k8s.io/coredns/coredns:$COREDNS_VERSION" --format '{{.Config.Entrypoint}}' | grep -q /coredns; then
-        die "coredns image has no /coredns entrypoint"
+    # kube-proxy (the control in upstream e2e runs) drives iptables and conntrack:
+    # it gets the tools base, whose iptables is Debian's nft variant, as the nodes'.
+    if ! have_image "registry.k8s.io/kube-proxy:$K8S_VERSION"; then
+        ctx=$(mktemp -d)
+        cp "$CP_BIN/kube-proxy" "$ctx/kube-proxy"
+        printf 'FROM %s\nCOPY kube-proxy /usr/local/bin/kube-proxy\nENTRYPOINT ["/usr/local/bin/kube-proxy"]\n' "$TOOLS_IMAGE" >"$ctx/Dockerfile"
+        docker_build "registry.k8s.io/kube-proxy:$K8S_VERSION" "$ctx"
+        rm -rf "$ctx"
     fi
+    tiny_image "registry.k8s.io/etcd:$ETCD_IMAGE_TAG" '["/usr/local/bin/etcd"]' "$CP_BIN/etcd"
+    # kubeadm's CoreDNS Deployment gives only args: the image's entrypoint runs it.
+    tiny_image "registry.k8s.io/coredns/coredns:$COREDNS_VERSION" '["/usr/local/bin/coredns"]' "$KIND_CACHE/bin/coredns"
     tiny_image "registry.k8s.io/pause:${PAUSE_TAGS[0]}" '["/usr/local/bin/pause"]' "$KIND_CACHE/bin/pause"
     tag_image "registry.k8s.io/pause:${PAUSE_TAGS[0]}" "${PAUSE_TAGS[@]/#/registry.k8s.io/pause:}"
 }
@@ -425,8 +432,14 @@ build_node_image() {
         docker exec "$id" ctr version >/dev/null 2>&1 && break
         sleep 1
     done
+    # Debian's ctr 1.6 has no `import --label`: pin (keep from the kubelet's image
+    # garbage collection, as kind does) with `images label` afterwards.
     docker save "${images[@]}" | docker exec -i "$id" ctr -n k8s.io images import \
-        --label=io.cri-containerd.pinned=pinned --all-platforms --no-unpack --digests - >/dev/null
+        --all-platforms --no-unpack --digests - >/dev/null
+    for b in "${images[@]}"; do
+        docker exec "$id" ctr -n k8s.io images label "docker.io/$b" io.cri-containerd.pinned=pinned >/dev/null 2>&1 ||
+            docker exec "$id" ctr -n k8s.io images label "$b" io.cri-containerd.pinned=pinned >/dev/null
+    done
     docker exec "$id" sh -c 'pkill containerd; sleep 1; rm -f /var/log/containerd-build.log'
     docker commit -c 'ENTRYPOINT ["/usr/local/bin/entrypoint", "/sbin/init"]' \
         -c "LABEL pyproxy.inputs=$inputs" "$id" "$NODE_IMAGE" >/dev/null
