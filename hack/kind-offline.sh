@@ -387,9 +387,15 @@ build_base_image() {
     echo "ReadKMsg=no" >>"$dir/etc/systemd/journald.conf"
     chroot "$dir" systemctl enable kubelet.service containerd.service undo-mount-hacks.service >/dev/null 2>&1
     chroot "$dir" systemctl mask systemd-binfmt.service >/dev/null 2>&1
-    tar -C "$dir" -c . | docker import -c 'ENV container=docker' -c 'STOPSIGNAL SIGRTMIN+3' \
-        -c 'ENTRYPOINT ["/usr/local/bin/entrypoint", "/sbin/init"]' - "$BASE_IMAGE" >/dev/null
+    tar -C "$dir" -c . | docker import - "$BASE_IMAGE-rootfs" >/dev/null
     rm -rf "$dir"
+    # docker import cannot set STOPSIGNAL: a one-line build on top does.
+    dir=$(mktemp -d)
+    printf '%s\n' "FROM $BASE_IMAGE-rootfs" 'ENV container=docker' 'STOPSIGNAL SIGRTMIN+3' \
+        'ENTRYPOINT ["/usr/local/bin/entrypoint", "/sbin/init"]' >"$dir/Dockerfile"
+    docker_build "$BASE_IMAGE" "$dir"
+    rm -rf "$dir"
+    docker rmi "$BASE_IMAGE-rootfs" >/dev/null
 }
 
 # The images imported into the node's containerd: what kubeadm pulls, the pod
