@@ -416,7 +416,7 @@ build_node_image() {
     # The node image is rebuilt when any input image changed (its ID is in the label).
     local inputs id current images
     mapfile -t images < <(node_images)
-    inputs=$( { docker image inspect --format '{{.Id}}' "$BASE_IMAGE" "${images[@]}"; cat "$REPO_ROOT/hack/kind/podnet.yaml"; } | sha256sum | cut -c1-16)
+    inputs=$( { docker image inspect --format '{{.Id}}' "$BASE_IMAGE" "${images[@]}"; cat "$REPO_ROOT"/hack/kind/{podnet,default-storage}.yaml; } | sha256sum | cut -c1-16)
     current=$(docker image inspect --format '{{index .Config.Labels "pyproxy.inputs"}}' "$NODE_IMAGE" 2>/dev/null || true)
     [[ "$current" == "$inputs" ]] && return
     log "kind-offline: node image inputs changed ($current -> $inputs): rebuilding $NODE_IMAGE"
@@ -429,10 +429,7 @@ build_node_image() {
     done
     docker exec "$id" sh -c "mkdir -p /kind/manifests && echo $K8S_VERSION > /kind/version"
     docker cp "$REPO_ROOT/hack/kind/podnet.yaml" "$id:/kind/manifests/default-cni.yaml"
-    # No storage provisioner: local-path-provisioner is another image from a registry
-    # and nothing here uses volumes. kind applies this file as is.
-    printf '# no default storage class in offline kind clusters (hack/kind-offline.sh)\n' |
-        docker exec -i "$id" sh -c 'cat > /kind/manifests/default-storage.yaml'
+    docker cp "$REPO_ROOT/hack/kind/default-storage.yaml" "$id:/kind/manifests/default-storage.yaml"
     docker exec -d "$id" sh -c 'containerd >/var/log/containerd-build.log 2>&1'
     for _ in $(seq 30); do
         docker exec "$id" ctr version >/dev/null 2>&1 && break
