@@ -13,8 +13,10 @@
 #    prerequisite is a failure.
 # 6. kind tier: hack/kind-up.sh (a real 3-node kind cluster, kubeProxyMode none, pyproxy's
 #    DaemonSet in iptables mode; with no registry it builds every image locally, cached),
-#    hack/e2e-kind.sh (traffic checks from real pods), then hack/kind-down.sh, also when
-#    a step fails. IPVS mode stays in the vm tier: the host kernel has no IP_VS.
+#    hack/e2e-kind.sh (traffic checks from real pods), upstream's [sig-network] Services
+#    [Conformance] e2e specs (hack/upstream-e2e.sh, e2e.test built from Go modules), then
+#    hack/kind-down.sh, also when a step fails. IPVS mode stays in the vm tier: the host
+#    kernel has no IP_VS.
 set -euo pipefail
 # shellcheck source=hack/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -50,6 +52,11 @@ log "kind-up done in $(elapsed "$t") s"
 t=$(now)
 hack/e2e-kind.sh
 log "e2e-kind done in $(elapsed "$t") s"
+t=$(now)
+# Upstream's own [sig-network] Services [Conformance] specs against pyproxy (the
+# kube-proxy control run and the full focus are documented commands, not CI).
+PROXIES=pyproxy SUMMARY="$REPO_ROOT/_artifacts/upstream-e2e/summary.md" hack/upstream-e2e.sh
+log "upstream e2e (Conformance) done in $(elapsed "$t") s"
 hack/kind-down.sh
 trap - EXIT
 

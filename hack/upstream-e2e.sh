@@ -101,8 +101,10 @@ run_e2e() {
     "${KIND_IN_NETNS[@]}" env PATH="$BIN:$PATH" "$BIN/ginkgo" "${args[@]}" "$BIN/e2e.test" -- \
         --kubeconfig="$kubeconfig" --provider=skeleton --num-nodes=3 \
         --report-dir="$out" >"$out/e2e.log" 2>&1 || rc=$?
-    say "step 3/4: $proxy: ginkgo exit $rc in $((SECONDS - t)) s; $(grep -E '^(Ran|PASS|FAIL)' "$out/e2e.log" | tr '\n' ' ')"
+    say "step 3/4: $proxy: ginkgo exit $rc in $((SECONDS - t)) s; $(grep -E '^(Ran |SUCCESS|FAIL)' "$out/e2e.log" | tr '\n' ' ')"
+    RC[$proxy]=$rc
 }
+declare -A RC
 if [[ " $PROXIES " == *" pyproxy "* ]]; then
     if kcq -n kube-system get daemonset kube-proxy >/dev/null 2>&1; then
         die "kube-proxy runs in '$CLUSTER_NAME': the run would not test pyproxy"
@@ -122,3 +124,8 @@ say "step 4/4: writing $SUMMARY"
 python3 "$KIND_REPO_ROOT/hack/kind/e2e_table.py" --focus "$FOCUS" --skip "$SKIP" \
     --kube-proxy "$REPORT_DIR/kube-proxy/junit_01.xml" --pyproxy "$REPORT_DIR/pyproxy/junit_01.xml" \
     --output "$SUMMARY"
+# Without the control run there is nothing to compare with: any pyproxy failure counts.
+if [[ " $PROXIES " != *" kube-proxy "* && "${RC[pyproxy]:-1}" != 0 ]]; then
+    die "upstream e2e failed against pyproxy (ginkgo exit ${RC[pyproxy]:-?}); see $REPORT_DIR/pyproxy/e2e.log"
+fi
+say "done"
