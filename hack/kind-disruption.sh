@@ -4,6 +4,8 @@
 #
 #   hack/kind-disruption.sh                    # phases: restart kill9
 #   PHASES=kill9 hack/kind-disruption.sh
+#   CLUSTER_NAME=pyproxy-control PHASES="to-pyproxy restart kill9 to-kube-proxy" \
+#       hack/kind-disruption.sh                # live migration from kube-proxy and back
 #
 # Setup (namespace pyproxy-disrupt, recreated): 3 agnhost netexec backends behind a
 # NodePort Service, and a client pod on the first worker running hack/kind/load.py in
@@ -15,6 +17,11 @@
 #   restart  kubectl rollout restart daemonset/pyproxy, then rollout status
 #   kill9    kill -9 of the pyproxy process on the client's node (from the node); the
 #            kubelet restarts the container; the phase ends when the pod is Ready again
+#   to-pyproxy, to-kube-proxy
+#            on a cluster started with kube-proxy (kind's default iptables mode):
+#            hack/migrate.sh (MIGRATE overrides the path) replaces kube-proxy with pyproxy
+#            the documented way (docs/deploy.md), or rolls back; pyproxy's manifests get
+#            this cluster's API server address (as hack/kind-up.sh gives them)
 #
 # Prints one line per phase with the counts; exits 1 if any request failed (the goal
 # is 0: the rules stay in the kernel while pyproxy is away, and its first sync
@@ -30,9 +37,12 @@ TIMEOUT="${TIMEOUT:-300s}"
 AGNHOST=registry.k8s.io/e2e-test-images/agnhost:2.56
 LOAD="$KIND_REPO_ROOT/hack/kind/load.py"
 
+MIGRATE="${MIGRATE:-$KIND_REPO_ROOT/hack/migrate.sh}"
+
 need kind kubectl docker
 cluster_exists || die "no kind cluster named '$CLUSTER_NAME'; create it with hack/kind-up.sh"
-kc -n kube-system rollout status daemonset/pyproxy --timeout 60s >/dev/null
+# The client runs in the pyproxy image; a kube-proxy cluster may not have it yet.
+run kind load docker-image "$IMAGE" --name "$CLUSTER_NAME" >/dev/null
 read -r W1 W2 _ <<<"$(kcq get nodes -l '!node-role.kubernetes.io/control-plane' -o jsonpath='{.items[*].metadata.name}') _ _"
 [[ "$W1" != _ && "$W2" != _ ]] || die "need two worker nodes"
 W2_IP="$(kcq get node "$W2" -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')"
@@ -42,6 +52,7 @@ say "recreating namespace $NS"
 kc delete namespace "$NS" --ignore-not-found --wait=true --timeout "$TIMEOUT" >/dev/null
 kc create namespace "$NS" >/dev/null
 cleanup() {
+    rm -rf "${overlay:-/nonexistent}"
     if [[ "${KEEP:-0}" != 1 ]]; then
         kubectl_ns=("${KIND_IN_NETNS[@]}" kubectl --context "$KIND_CONTEXT")
         "${kubectl_ns[@]}" delete namespace "$NS" --wait=false >/dev/null 2>&1 || true
@@ -104,6 +115,17 @@ proxy_pod() {
         -o jsonpath='{.items[0].metadata.name}'
 }
 
+overlay="$(mktemp -d)"
+write_overlay "$overlay" "$CLUSTER_NAME-control-plane" 6443 iptables "$IMAGE"
+migrate() {
+    [[ -x "$MIGRATE" ]] || die "$MIGRATE not found (set MIGRATE)"
+    KUBECTL="${KIND_IN_NETNS[*]} kubectl --context $KIND_CONTEXT" BACKUP_DIR="$overlay/kube-proxy-backup" \
+        "$MIGRATE" "$1" "$overlay/overlay" >"$overlay/migrate.log" 2>&1 ||
+        die "$MIGRATE $1 failed: $(tail -5 "$overlay/migrate.log")"
+}
+phase_to-pyproxy() { migrate to-pyproxy; }
+phase_to-kube-proxy() { migrate to-kube-proxy; }
+
 phase_restart() {
     kc -n kube-system rollout restart daemonset/pyproxy >/dev/null
     kc -n kube-system rollout status daemonset/pyproxy --timeout "$TIMEOUT" >/dev/null
@@ -127,9 +149,9 @@ phase_kill9() {
 }
 
 FAILED=0
-printf '%-8s %-22s %-22s %s\n' phase "clusterip ok/failed" "nodeport ok/failed" "established ok/failed/reconnects"
+printf '%-14s %-22s %-22s %s\n' phase "clusterip ok/failed" "nodeport ok/failed" "established ok/failed/reconnects"
 for phase in $PHASES; do
-    declare -F "phase_$phase" >/dev/null || die "unknown phase '$phase' (restart, kill9)"
+    declare -F "phase_$phase" >/dev/null || die "unknown phase '$phase' (restart, kill9, to-pyproxy, to-kube-proxy)"
     out="$(mktemp)"
     kcq -n "$NS" exec client -- rm -f /tmp/stop
     kcq -n "$NS" exec -i client -- python3 - "$CIP" "$W2_IP" "$NP" /tmp/stop <"$LOAD" >"$out" 2>&1 &
@@ -147,7 +169,7 @@ c, n, e = r["clusterip"], r["nodeport"], r["established"]
 print(c["failed"] + n["failed"] + e["failed"], "%d/%d" % (c["ok"], c["failed"]),
       "%d/%d" % (n["ok"], n["failed"]), "%d/%d/%d" % (e["ok"], e["failed"], e["reconnects"]))' "$out")"
     read -r failed c n e <<<"$row"
-    printf '%-8s %-22s %-22s %s\n' "$phase" "$c" "$n" "$e"
+    printf '%-14s %-22s %-22s %s\n' "$phase" "$c" "$n" "$e"
     FAILED=$((FAILED + failed))
     rm -f "$out"
 done

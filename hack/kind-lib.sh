@@ -56,6 +56,44 @@ cluster_exists() {
     kind get clusters 2>/dev/null | grep -qx -- "$CLUSTER_NAME"
 }
 
+# write_overlay DIR API_HOST API_PORT PROXY_MODE IMAGE: DIR/base (a copy of
+# manifests/) and DIR/overlay, a kustomization of it with the image and the
+# ConfigMap values for one cluster; `kubectl apply -k DIR/overlay` deploys pyproxy
+# there and manifests/ itself is never modified.
+write_overlay() {
+    local dir=$1 host=$2 port=$3 mode=$4 image=$5
+    mkdir -p "$dir/base" "$dir/overlay"
+    cp "$KIND_REPO_ROOT"/manifests/*.yaml "$dir/base/"
+    # JSON-patch `replace` fails when a key is missing, so a renamed key in
+    # manifests/configmap.yaml stops the caller instead of being ignored.
+    cat >"$dir/overlay/kustomization.yaml" <<YAML
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - ../base
+images:
+  - name: pyproxy
+    newName: "${image%:*}"
+    newTag: "${image##*:}"
+patches:
+  - target:
+      version: v1
+      kind: ConfigMap
+      name: pyproxy-config
+      namespace: kube-system
+    patch: |-
+      - op: replace
+        path: /data/KUBERNETES_SERVICE_HOST
+        value: "${host}"
+      - op: replace
+        path: /data/KUBERNETES_SERVICE_PORT
+        value: "${port}"
+      - op: replace
+        path: /data/PYPROXY_PROXY_MODE
+        value: "${mode}"
+YAML
+}
+
 # --- the offline engine (hack/kind-offline.sh) ------------------------------------
 # Where hack/kind-offline.sh keeps its dockerd: a socket of its own and a network
 # namespace. When that engine runs, docker and kind talk to it (DOCKER_HOST) and

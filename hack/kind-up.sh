@@ -136,38 +136,7 @@ run kind load docker-image "$IMAGE" --name "$CLUSTER_NAME"
 say "step 4/5: applying manifests/ with API server $API_SERVER_HOST:$API_SERVER_PORT, proxy mode $PROXY_MODE"
 work="$(mktemp -d "${TMPDIR:-/tmp}/pyproxy-kind.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/base" "$work/overlay"
-cp "$KIND_REPO_ROOT"/manifests/*.yaml "$work/base/"
-image_name="${IMAGE%:*}"
-image_tag="${IMAGE##*:}"
-# JSON-patch `replace` fails when a key is missing, so a renamed key in
-# manifests/configmap.yaml stops this script instead of being ignored.
-cat >"$work/overlay/kustomization.yaml" <<YAML
-apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-resources:
-  - ../base
-images:
-  - name: pyproxy
-    newName: "${image_name}"
-    newTag: "${image_tag}"
-patches:
-  - target:
-      version: v1
-      kind: ConfigMap
-      name: pyproxy-config
-      namespace: kube-system
-    patch: |-
-      - op: replace
-        path: /data/KUBERNETES_SERVICE_HOST
-        value: "${API_SERVER_HOST}"
-      - op: replace
-        path: /data/KUBERNETES_SERVICE_PORT
-        value: "${API_SERVER_PORT}"
-      - op: replace
-        path: /data/PYPROXY_PROXY_MODE
-        value: "${PROXY_MODE}"
-YAML
+write_overlay "$work" "$API_SERVER_HOST" "$API_SERVER_PORT" "$PROXY_MODE" "$IMAGE"
 say "the ConfigMap pyproxy-config that will be applied:"
 kubectl kustomize "$work/overlay" >"$work/rendered.yaml"
 awk 'function flush() { if (doc ~ /\nkind: ConfigMap\n/) printf "%s", doc; doc = "\n" }
