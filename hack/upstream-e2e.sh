@@ -121,8 +121,17 @@ fi
 
 # --- 4. table ------------------------------------------------------------------------------
 say "step 4/4: writing $SUMMARY"
-python3 "$KIND_REPO_ROOT/hack/kind/e2e_table.py" --focus "$FOCUS" --skip "$SKIP" \
-    --kube-proxy "$REPORT_DIR/kube-proxy/junit_01.xml" --pyproxy "$REPORT_DIR/pyproxy/junit_01.xml" \
+# Only this run's reports: a proxy not in PROXIES shows as "not run", never as an
+# older run's results left in REPORT_DIR.
+reports=()
+for proxy in kube-proxy pyproxy; do
+    if [[ " $PROXIES " == *" $proxy "* ]]; then
+        reports+=("--$proxy" "$REPORT_DIR/$proxy/junit_01.xml")
+    else
+        reports+=("--$proxy" /nonexistent/junit_01.xml)
+    fi
+done
+python3 "$KIND_REPO_ROOT/hack/kind/e2e_table.py" --focus "$FOCUS" --skip "$SKIP" "${reports[@]}" \
     --output "$SUMMARY"
 # Without the control run there is nothing to compare with: any pyproxy failure counts.
 if [[ " $PROXIES " != *" kube-proxy "* && "${RC[pyproxy]:-1}" != 0 ]]; then
