@@ -479,7 +479,7 @@ build_all() {
 case "${1:-}" in
     engine) need_root; step "engine" engine_start ;;
     images) need_root; build_all ;;
-    fetch) need_root; step "debootstrap of the root filesystems" fetch_rootfs ;;
+    fetch) need_root; apt_install debootstrap; step "debootstrap of the root filesystems" fetch_rootfs ;;
     stop) need_root; engine_stop ;;
     status) if engine_running; then echo running; else echo stopped; exit 1; fi ;;
     *) die "usage: $0 engine|images|fetch|stop|status" ;;

@@ -26,6 +26,13 @@ start=$(now)
 
 log "== setup"
 hack/setup.sh
+# The kind tier's debootstrap waits on the network more than on the CPU: on a cold
+# cache it runs in the background while the control plane compiles.
+# debootstrap is installed first, here: a background apt-get would race hack/vm.sh's.
+apt_install debootstrap
+mkdir -p "$PYPROXY_CACHE"
+hack/kind-offline.sh fetch >"$PYPROXY_CACHE/kind-fetch.log" 2>&1 &
+kind_fetch_pid=$!
 log "== control plane (cached after the first build)"
 hack/build-control-plane.sh
 log "== IPVS test VM (cached after the first setup)"
@@ -44,6 +51,7 @@ log "== pytest: vm tier (IPVS) inside the VM"
 hack/vm.sh run -- "$VENV/bin/python" -m pytest tests/vm -m vm -p no:cacheprovider "$@"
 
 log "== kind tier: pyproxy as the DaemonSet of a real kind cluster"
+wait "$kind_fetch_pid" || die "the kind tier's debootstrap failed: $(tail -5 "$PYPROXY_CACHE/kind-fetch.log")"
 t=$(now)
 # The kind tier starts its own engine; it must be gone afterwards whatever happened.
 trap 'hack/kind-down.sh || log "kind-down failed: clean up with hack/kind-down.sh"' EXIT
