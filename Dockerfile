@@ -40,6 +40,7 @@ ARG OS_PACKAGES
 #   ipset     IPVS mode's sets          ipvsadm    IPVS inspection
 #   conntrack stale UDP flow deletion   iproute2   ip addr/route (kube-ipvs0, node IPs)
 #   kmod      modprobe ip_vs*, nf_conntrack (with the host's /lib/modules mounted)
+#   nftables  nft: deletes kube-proxy's nftables-mode tables after taking over a node
 # Versions are not pinned: the bookworm suite only receives security updates,
 # which the image should pick up on rebuild.
 # hadolint ignore=DL3008
@@ -52,9 +53,10 @@ RUN if [ "$OS_PACKAGES" = install ]; then \
             iptables \
             ipvsadm \
             kmod \
+            nftables \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
-    && for tool in conntrack ip ipset iptables-legacy iptables-nft ipvsadm modprobe; do \
+    && for tool in conntrack ip ipset iptables-legacy iptables-nft ipvsadm modprobe nft; do \
         command -v "$tool" >/dev/null || { echo "missing $tool (OS_PACKAGES=$OS_PACKAGES)" >&2; exit 1; }; \
     done
 

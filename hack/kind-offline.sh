@@ -55,7 +55,7 @@ PAUSE_TAGS=(3.10.1 3.10)
 AGNHOST_TAG=2.56
 NODE_IMAGE="pyproxy-kind/node:$K8S_VERSION"
 BASE_IMAGE="pyproxy-kind/base:$KIND_VERSION"
-TOOLS_IMAGE="pyproxy-kind/tools:bookworm"
+TOOLS_IMAGE="pyproxy-kind/tools:bookworm-$TOOLS_KEY"
 PYTHON_IMAGE="pyproxy-kind/python:3.11-offline"
 PODNET_IMAGE="pyproxy-kind/podnet:v1"
 
@@ -65,7 +65,10 @@ KIND_MODULE="$CP_CACHE/go/mod/sigs.k8s.io/kind@$KIND_VERSION"
 # The Debian packages of the two debootstrap bases: kind's node base (kind's list, with
 # Debian's containerd, runc and CNI plugins), and the tools base of every other image.
 KINDBASE_PACKAGES=systemd,systemd-sysv,dbus,containerd,runc,containernetworking-plugins,nftables,iptables,conntrack,iproute2,ethtool,util-linux,mount,kmod,libseccomp2,pigz,jq,e2fsprogs,socat,ca-certificates,curl,procps,bash
-TOOLS_PACKAGES=python3,python3-pip,iptables,ipset,conntrack,iproute2,ipvsadm,kmod,curl,wget,netcat-openbsd,ca-certificates,procps,dnsutils
+TOOLS_PACKAGES=python3,python3-pip,iptables,ipset,conntrack,iproute2,ipvsadm,kmod,nftables,curl,wget,netcat-openbsd,ca-certificates,procps,dnsutils
+# Cache keys: a changed package list makes a new root filesystem and images.
+TOOLS_KEY=$(printf '%s' "$TOOLS_PACKAGES" | sha256sum | cut -c1-8)
+KINDBASE_KEY=$(printf '%s' "$KINDBASE_PACKAGES" | sha256sum | cut -c1-8)
 DEBIAN_PACKAGES=(docker.io containerd runc containernetworking-plugins debootstrap gcc libc6-dev iproute2)
 
 # step NAME CMD...: run a build step with a progress line and its duration.
@@ -273,17 +276,17 @@ build_tools_image() {
     # One Debian base for everything that needs more than a static binary: the pyproxy
     # image (python3, pip and the node tools the Dockerfile would otherwise apt-get),
     # agnhost (whose tests exec sh, curl, wget and nc in it) and the pod network.
-    rootfs tools "$TOOLS_PACKAGES"
+    rootfs "tools-$TOOLS_KEY" "$TOOLS_PACKAGES"
     have_image "$TOOLS_IMAGE" && return
     docker import -c "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
-        "$KIND_CACHE/rootfs/tools.tar" "$TOOLS_IMAGE" >/dev/null
+        "$KIND_CACHE/rootfs/tools-$TOOLS_KEY.tar" "$TOOLS_IMAGE" >/dev/null
 }
 
 build_python_image() {
     # The wheels pyproxy's image needs (its build backend and its dependencies),
     # downloaded on the host; the image installs from them with the index off.
     local wheels="$KIND_CACHE/wheels" ctx stamp
-    stamp=$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -c1-12)
+    stamp=$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -c1-12)-$TOOLS_KEY
     if [[ ! -f "$wheels/.stamp-$stamp" ]]; then
         rm -rf "$wheels"
         mkdir -p "$wheels"
@@ -351,11 +354,11 @@ build_component_images() {
 
 build_base_image() {
     have_image "$BASE_IMAGE" && return
-    rootfs kindbase "$KINDBASE_PACKAGES"
+    rootfs "kindbase-$KINDBASE_KEY" "$KINDBASE_PACKAGES"
     local dir files="$KIND_MODULE/images/base/files"
     [[ -d "$files" ]] || die "$files missing (the kind module is downloaded by go install)"
     dir=$(mktemp -d "$KIND_CACHE/rootfs/kindbase-work.XXXXXX")
-    tar -C "$dir" -xf "$KIND_CACHE/rootfs/kindbase.tar"
+    tar -C "$dir" -xf "$KIND_CACHE/rootfs/kindbase-$KINDBASE_KEY.tar"
     # What kind's images/base/Dockerfile does, with Debian's containerd, runc and CNI
     # plugins in place of the ones it clones and builds.
     cp -r "$files/usr/local/bin/." "$dir/usr/local/bin/"
@@ -449,8 +452,8 @@ build_node_image() {
 }
 
 fetch_rootfs() {
-    rootfs tools "$TOOLS_PACKAGES"
-    rootfs kindbase "$KINDBASE_PACKAGES"
+    rootfs "tools-$TOOLS_KEY" "$TOOLS_PACKAGES"
+    rootfs "kindbase-$KINDBASE_KEY" "$KINDBASE_PACKAGES"
 }
 
 build_all() {

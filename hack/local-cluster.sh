@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a local etcd + kube-apiserver on 127.0.0.1 for trying pyproxy by hand.
 #
-# The integration tests start their own control plane (tests/integration/controlplane.py);
+# The integration tests start their own control plane (tests/netlab/controlplane.py);
 # this script is for people: `up` leaves a real API server running in the background
 # so `kubectl` and `pyproxy --kubeconfig ... --dry-run` can be pointed at it, `down`
 # stops it and throws its data away. There is no kubelet or controller manager:

@@ -39,7 +39,7 @@ log "== IPVS test VM (cached after the first setup)"
 hack/vm.sh setup
 
 log "== static checks"
-"$VENV/bin/ruff" check pyproxy tests hack
+"$VENV/bin/ruff" check pyproxy tests hack bench
 "$VENV/bin/python" -m mypy
 "$VENV/bin/lint-imports"
 shellcheck -x hack/*.sh .ci/run

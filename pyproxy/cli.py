@@ -18,14 +18,14 @@ from collections.abc import Sequence
 
 import structlog
 
-from pyproxy import log, sysctl
+from pyproxy import log, nftleftovers, sysctl
 from pyproxy.errors import ConfigError, KernelError, PyproxyError, StateFileError
 from pyproxy.iptables.kernelview import KernelView, cleanup_document
 from pyproxy.iptables.proxier import IptablesProxier
 from pyproxy.iptables.render import jump_rules, render_ruleset
 from pyproxy.iptables.restore import Iptables, detect_backend
 from pyproxy.model import ClusterState, IPFamily
-from pyproxy.options import ProxyOptions, parse_options, proxier_configs
+from pyproxy.options import ProxyOptions, parse_options, proxier_configs, with_interface_ips
 from pyproxy.proxystate import ProxierConfig, desired_state
 
 logger = structlog.get_logger("pyproxy")
@@ -69,6 +69,12 @@ def dry_run(options: ProxyOptions, cluster: ClusterState) -> str:
 
             out.append(dry_run_text(states, config, options.ipvs_scheduler))
             continue
+        if options.proxy_mode == "nftables":
+            from pyproxy.nftables.render import render_ruleset as render_nftables
+
+            ports = (p for ports in states.values() for p in ports)
+            out.append(render_nftables(ports, config, cluster.all_service_cidrs()).dump())
+            continue
         ruleset = render_ruleset((p for ports in states.values() for p in ports), config)
         out.append(ruleset.document(hooks=jump_rules(config)))
     return "".join(out)
@@ -81,12 +87,23 @@ def prepare_kernel(config: ProxierConfig) -> ProxierConfig:
     return dataclasses.replace(config, conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal())
 
 
+def _sync_configs(options: ProxyOptions, cluster: ClusterState) -> tuple[ProxierConfig, ...]:
+    """The configs of a real sync: as a dry run's, plus the host's interface addresses that
+    `--nodeport-addresses` CIDRs select (a dry run describes the node from its flags alone)."""
+    configs = _configs(options, cluster)
+    if options.nodeport_addresses and options.nodeport_addresses != ("primary",):
+        from pyproxy.hostnet import host_addresses
+
+        configs = with_interface_ips(configs, host_addresses())
+    return configs
+
+
 def sync_once_ipvs(options: ProxyOptions, cluster: ClusterState, backend: str) -> None:
     from pyproxy.ipvs.proxier import IpvsProxier
 
     # No prepare_kernel: ipvs mode has no localhost NodePorts and no INVALID rule; the
     # proxier sets its own sysctls (net.ipv4.vs.*, ip_forward) on its first sync.
-    for config in _configs(options, cluster):
+    for config in _sync_configs(options, cluster):
         proxier = IpvsProxier(
             config, Iptables(config.family, backend), scheduler=options.ipvs_scheduler
         )
@@ -108,12 +125,48 @@ def sync_once_ipvs(options: ProxyOptions, cluster: ClusterState, backend: str) -
         )
 
 
+def sync_once_nftables(options: ProxyOptions, cluster: ClusterState) -> None:
+    import time
+
+    from pyproxy.nftables.proxier import STALE_CHAIN_DELAY, NftablesProxier
+
+    # No prepare_kernel: nftables mode has no localhost NodePorts and no INVALID rule.
+    for config in _configs(options, cluster):
+        proxier = NftablesProxier(config, service_cidrs=cluster.all_service_cidrs())
+        result = proxier.sync(desired_state(cluster, config), full=True)
+        if proxier.stale_chains:
+            # Chains a previous run left were flushed; delete them once the kernel has let go
+            # of them (upstream waits a second for kernels before 6.2), then exit.
+            time.sleep(STALE_CHAIN_DELAY)
+            proxier.delete_stale_chains(force=True)
+        logger.info(
+            "synced",
+            ip_family=config.family.value,
+            proxy_mode="nftables",
+            full=result.full,
+            services=result.services_written,
+            chains=result.chains_written,
+            elements=result.elements_added,
+            stale_chains=result.stale_chains_flushed,
+            transaction_bytes=result.transaction_bytes,
+        )
+    # As kube-proxy's platformCleanup, switching to nftables removes the other modes' rules;
+    # but once nftables mode's own rules are in (upstream: before), so no moment is without.
+    cleanup_iptables_modes(options)
+
+
 def sync_once(options: ProxyOptions, cluster: ClusterState) -> None:
+    if options.proxy_mode == "nftables":
+        sync_once_nftables(options, cluster)
+        return
+    # As kube-proxy's platformCleanup, iptables and IPVS modes remove nftables mode's tables;
+    # but after their own rules are in (upstream: before), so no moment is without rules.
     backend = detect_backend(options.iptables_backend)
     if options.proxy_mode == "ipvs":
         sync_once_ipvs(options, cluster, backend)
+        cleanup_nftables()
         return
-    for config in map(prepare_kernel, _configs(options, cluster)):
+    for config in map(prepare_kernel, _sync_configs(options, cluster)):
         proxier = IptablesProxier(config, Iptables(config.family, backend))
         result = proxier.sync(desired_state(cluster, config))
         logger.info(
@@ -126,9 +179,30 @@ def sync_once(options: ProxyOptions, cluster: ClusterState) -> None:
             nat_rules=result.nat_rules,
             restore_bytes=result.restore_bytes,
         )
+    cleanup_nftables()
+
+
+def cleanup_nftables() -> None:
+    """Delete the `ip` and `ip6` `kube-proxy` tables (nftables mode's only objects)."""
+    for family in (IPFamily.IPv4, IPFamily.IPv6):
+        try:
+            existed = nftleftovers.delete_kube_proxy_table(family)
+        except KernelError as err:
+            # As upstream: no usable nft means there is nothing of nftables mode to remove;
+            # the other modes' cleanup still runs.
+            logger.warning("nftables cleanup skipped", ip_family=family.value, error=str(err))
+            continue
+        logger.info("cleaned up nftables mode", ip_family=family.value, changed=bool(existed))
 
 
 def cleanup(options: ProxyOptions) -> None:
+    # Every mode's leftovers, whatever --proxy-mode says (as kube-proxy's --cleanup).
+    cleanup_nftables()
+    cleanup_iptables_modes(options)
+
+
+def cleanup_iptables_modes(options: ProxyOptions) -> None:
+    """iptables and IPVS modes' leftovers (rules, chains, virtual servers, ipsets, dummy)."""
     backend = detect_backend(options.iptables_backend)
     for family in IPFamily:
         iptables = Iptables(family, backend)
@@ -176,6 +250,7 @@ def run_controller(options: ProxyOptions) -> int:
         source_factory=lambda c: KubeSource(options.kubeconfig, options.node_name, c),
         host_addresses=host_addresses,
         conntrack=ConntrackCleaner,
+        nftables_leftovers=nftleftovers.remove_after_sync,
     )
     logger.info(
         "starting",
@@ -192,11 +267,17 @@ def run(options: ProxyOptions) -> int:
     if options.cleanup:
         cleanup(options)
         return 0
-    if options.proxy_mode not in ("iptables", "ipvs"):
+    if options.proxy_mode not in ("iptables", "ipvs", "nftables"):
         raise ConfigError(f"--proxy-mode {options.proxy_mode} is not implemented yet")
     if options.state is None:
         if options.dry_run or options.once:
             raise ConfigError("--dry-run and --once need --state FILE")
+        if options.proxy_mode == "nftables":
+            # The agent is being reshaped around a Proxier contract; NftablesProxier has that
+            # shape but is not wired in yet, and must not fall back to iptables silently.
+            raise ConfigError(
+                "--proxy-mode nftables runs with --state FILE (--dry-run, --once) for now"
+            )
         return run_controller(options)
     cluster = _load_state(options)
     if options.dry_run:

@@ -105,8 +105,9 @@ class CleanupResult:
 class ConntrackCleaner:
     """kube-proxy's UDP conntrack reconciler for one IP family.
 
-    Call `clean` after every successful sync in which the endpoints of some UDP service port
-    changed (and after the first sync), with the family's service ports before and after it.
+    Call `clean` after the first sync, after every full sync and after every successful sync
+    for which `conntrack_plan.cleanup_needed` holds, with the family's service ports before
+    and after it.
     """
 
     def __init__(self, family: IPFamily, table: ConntrackTable | None = None) -> None:

@@ -28,6 +28,10 @@ Differences from that file, on purpose:
   port number equals another Service's nodePort loses its valid flows on every cleanup.
 - Two Services claiming the same frontend (a conflict the API allows for external IPs) allow
   the union of their endpoints instead of whichever Go's map iteration visits last.
+- Upstream dumps the table after every sync; pyproxy only after a sync that may have made a
+  flow stale (`cleanup_needed`), judged on the very map the flows are judged against, so no
+  sequence of endpoint states can strand a flow (an endpoint that turns terminating but still
+  serving changes the rules and not the map; when it goes, the map changes and not the rules).
 
 Nothing here does I/O: `pyproxy.conntrack` dumps the flows and deletes what this module picks.
 """
@@ -37,11 +41,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 from pyproxy.model import IPAddress, NamespacedName, Protocol, format_endpoint
 from pyproxy.proxystate import ServicePortState
 from pyproxy.serviceport import ServicePortInfo
+
+_Key = TypeVar("_Key")
 
 #: IANA protocol numbers, as conntrack reports them.
 IPPROTO_TCP = 6
@@ -167,6 +173,35 @@ def allowed_endpoints(current: ServiceStates, *, previous: ServiceStates = ()) -
     return AllowedEndpoints(
         {key: frozenset(eps) for key, eps in service_ips.items()},
         {key: frozenset(eps) for key, eps in node_ports.items()},
+    )
+
+
+def cleanup_needed(previous: ServiceStates, current: ServiceStates) -> bool:
+    """Can a sync that turned the service ports `previous` into `current` have made a flow stale?
+
+    Pass the ports of the Services the sync changed (before and after); unchanged Services
+    cannot change the answer. A flow that was not stale before becomes stale only when, for
+    its frontend, `allowed_endpoints` loses the endpoint it is DNATed to, goes from empty to
+    non-empty (flows cached without DNAT) or appears or disappears (the flow is judged by
+    another entry, or by none). Comparing anything else, such as the endpoints the rules use,
+    misses flows: an endpoint that turns terminating but still serving leaves the rules, not
+    the allowed map; when it then goes, the map changes while the rules do not.
+    """
+    before, after = allowed_endpoints(previous), allowed_endpoints(current)
+    return _lost_any(before.service_ips, after.service_ips) or _lost_any(
+        before.node_ports, after.node_ports
+    )
+
+
+def _lost_any(
+    before: Mapping[_Key, frozenset[HostPort]], after: Mapping[_Key, frozenset[HostPort]]
+) -> bool:
+    """A frontend came or went, lost an allowed endpoint, or got its first one."""
+    if before.keys() != after.keys():
+        return True
+    return any(
+        not endpoints <= after[key] or (not endpoints and after[key])
+        for key, endpoints in before.items()
     )
 
 

@@ -26,6 +26,7 @@ import structlog
 from pyproxy import sysctl
 from pyproxy.changes import Changes, ChangeTracker
 from pyproxy.conntrack import CleanupResult
+from pyproxy.conntrack_plan import cleanup_needed
 from pyproxy.errors import PyproxyError, RestoreError
 from pyproxy.healthcheck import HealthzServer, ProxyHealth, ServiceHealthServer
 from pyproxy.iptables.proxier import FULL_SYNC_PERIOD, IptablesProxier, SyncResult
@@ -33,8 +34,7 @@ from pyproxy.iptables.restore import Iptables, canary_exists
 from pyproxy.ipvs.proxier import IpvsProxier, IpvsSyncResult
 from pyproxy.metrics import Metrics, MetricsServer
 from pyproxy.model import IPAddress, IPFamily, NamespacedName
-from pyproxy.model import Protocol as L4
-from pyproxy.options import ProxyOptions, proxier_configs
+from pyproxy.options import ProxyOptions, proxier_configs, with_interface_ips
 from pyproxy.proxystate import LazyStates, ProxierConfig, ServicePortState, service_state
 from pyproxy.runner import BoundedFrequencyRunner
 from pyproxy.sources.watch import gc_paused
@@ -67,19 +67,8 @@ class FamilyProxier:
     states: ServiceStates = field(default_factory=dict)
     #: A conntrack cleanup failed: retry it after the next sync.
     conntrack_pending: bool = False
-
-
-def _has_udp(ports: tuple[ServicePortState, ...]) -> bool:
-    return any(p.info.protocol is L4.UDP for p in ports)
-
-
-def _udp_endpoints(ports: tuple[ServicePortState, ...]) -> frozenset[tuple[str, str]]:
-    return frozenset(
-        (str(p.info.name), ep.endpoint)
-        for p in ports
-        if p.info.protocol is L4.UDP
-        for ep in p.categorized.all_reachable
-    )
+    #: kube-proxy's nftables-mode table of this family has been looked for and is gone.
+    nftables_leftovers_checked: bool = False
 
 
 class Controller:
@@ -91,6 +80,7 @@ class Controller:
         source_factory: Callable[[Controller], Source],
         host_addresses: Callable[[], tuple[IPAddress, ...]],
         conntrack: Callable[[IPFamily], ConntrackCleaner] | None = None,
+        nftables_leftovers: Callable[[IPFamily], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.options = options
@@ -99,6 +89,9 @@ class Controller:
         self._lock = threading.Lock()
         self._host_addresses = host_addresses
         self._conntrack = conntrack
+        #: After a family's first full iptables sync: remove kube-proxy's nftables-mode table
+        #: (nftleftovers.remove_after_sync; True once done).
+        self._nftables_leftovers = nftables_leftovers
         self._clock = clock
         self.families: dict[IPFamily, FamilyProxier] = {}
         self.metrics = Metrics(options.proxy_mode)
@@ -158,12 +151,8 @@ class Controller:
         for family in IPFamily:
             self.health.updated(family)
         for server in (self.healthz_server, self.metrics_server):
-            try:
-                server.start()
-            except OSError as err:  # kube-proxy logs and carries on; so do we
-                logger.error(
-                    "cannot start HTTP server", server=type(server).__name__, error=str(err)
-                )
+            # kube-proxy logs a bind failure, carries on and retries every 5 s; so do we.
+            server.start_retrying(self._stop)
         self.source.start()
         self.runner.start()
         # The first sync, as soon as the source has its first complete lists (upstream runs it
@@ -217,7 +206,11 @@ class Controller:
         if not self.options.node_ips and (node is None or not node.addresses):
             host = self._host_addresses()
         configs = []
-        for config in proxier_configs(self.options, node, host):
+        found = proxier_configs(self.options, node, host)
+        nodeport = self.options.nodeport_addresses
+        if nodeport and nodeport != ("primary",):
+            found = with_interface_ips(found, host or self._host_addresses())
+        for config in found:
             if config.localhost_nodeports and self.options.proxy_mode == "iptables":
                 sysctl.ensure("net.ipv4.conf.all.route_localnet", "1")
             configs.append(
@@ -346,7 +339,14 @@ class Controller:
         family = fp.config.family.value
         try:
             if isinstance(fp.proxier, IptablesProxier):
-                return fp.proxier.sync(states, changed, full=full)
+                result = fp.proxier.sync(states, changed, full=full)
+                if (
+                    result.full
+                    and not fp.nftables_leftovers_checked
+                    and self._nftables_leftovers is not None
+                ):
+                    fp.nftables_leftovers_checked = self._nftables_leftovers(fp.config.family)
+                return result
             return fp.proxier.sync(fp.states, changed, full=full)
         except RestoreError as err:
             self.metrics.iptables_restore_failures_total.labels(family).inc()
@@ -371,14 +371,13 @@ class Controller:
         Service had no endpoints, in the same sync (upstream's conntrack cleanup)."""
         if fp.conntrack is None:
             return
-        names = changes.services if changes.services is not None else set(fp.states)
-        udp_changed = any(
-            _udp_endpoints(previous.get(n, ())) != _udp_endpoints(fp.states.get(n, ()))
-            or _has_udp(previous.get(n, ())) != _has_udp(fp.states.get(n, ()))
-            for n in names
-        )
-        if not (udp_changed or fp.conntrack_pending or changes.services is None):
-            return
+        if changes.services is not None and not fp.conntrack_pending:
+            # A partial sync: `previous` holds the changed Services. Judge them on the map the
+            # flows are judged by: the endpoints the rules use miss an endpoint that left the
+            # rules while still serving and is removed later.
+            current = {n: fp.states[n] for n in changes.services if n in fp.states}
+            if not cleanup_needed(previous, current):
+                return
         try:
             result = fp.conntrack.clean(previous=previous, current=fp.states)
         except PyproxyError as err:

@@ -38,6 +38,7 @@ from pyproxy.model import (
     Node,
     Protocol,
     Service,
+    ServiceCIDR,
     ServicePort,
     ServiceType,
     TrafficPolicy,
@@ -48,7 +49,12 @@ _E = TypeVar("_E", TrafficPolicy, ServiceType, LoadBalancerIPMode)
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_SLOPPY_IPV4 = re.compile(r"(\d+)\.(\d+)\.(\d+)\.(\d+)")
+# ASCII digits only: `\d` and str.isdigit also take fullwidth (U+FF11) or Arabic-Indic digits,
+# which int() would turn into numbers, where Go's parsers reject anything but 0-9.
+_SLOPPY_IPV4 = re.compile(r"([0-9]+)\.([0-9]+)\.([0-9]+)\.([0-9]+)")
+_PREFIX_LENGTH = re.compile(r"[0-9]+").fullmatch
+#: What str.strip() would remove, minus the Unicode spaces (U+00A0, U+3000 ...) Go never trims.
+_ASCII_SPACE = " \t\n\r\v\f"
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _PLAIN_IPV4 = re.compile(r"\.".join([_OCTET] * 4)).fullmatch
 
@@ -68,7 +74,7 @@ def parse_ip(text: str) -> IPAddress:
     if plain is not None:
         a, b, c, d = plain.groups()
         return ipaddress.IPv4Address(int.from_bytes(bytes((int(a), int(b), int(c), int(d)))))
-    text = text.strip()
+    text = text.strip(_ASCII_SPACE)
     if "%" in text:
         # Python accepts IPv6 zones ("fe80::1%eth0", any characters after %); Go's ParseIP does
         # not, and a zone would carry arbitrary text into the rules.
@@ -90,8 +96,8 @@ def parse_ip(text: str) -> IPAddress:
 
 def parse_cidr(text: str) -> IPNetwork:
     """Parse a CIDR as Go's ParseCIDRSloppy does; host bits are masked off. Raises ValueError."""
-    address, sep, prefix = text.strip().partition("/")
-    if not sep or not prefix.isdigit():
+    address, sep, prefix = text.strip(_ASCII_SPACE).partition("/")
+    if not sep or _PREFIX_LENGTH(prefix) is None:
         raise ValueError(f"{text!r} is not a CIDR")
     ip = parse_ip(address)
     return ipaddress.ip_network(f"{ip}/{int(prefix)}", strict=False)
@@ -517,6 +523,24 @@ def node_from_api(obj: Mapping[str, object]) -> Node:
     )
 
 
+# --- ServiceCIDR --------------------------------------------------------------------------
+
+
+def service_cidr_from_api(obj: Mapping[str, object]) -> ServiceCIDR:
+    """networking.k8s.io/v1 ServiceCIDR: `spec.cidrs`, one or two CIDRs (one per family)."""
+    r = _Reader("ServiceCIDR", obj)
+    r.check_names(namespaced=False, name_pattern=_DNS1123_SUBDOMAIN)
+    spec = r.mapping(obj.get("spec"), "spec")
+    cidrs = []
+    for i, raw in enumerate(r.sequence(spec.get("cidrs"), "spec.cidrs")):
+        text = r.string(raw, f"spec.cidrs[{i}]")
+        try:
+            cidrs.append(parse_cidr(text))
+        except ValueError:
+            raise r.invalid(f"spec.cidrs[{i}]", f"{text!r} is not a valid CIDR") from None
+    return ServiceCIDR(name=r.name, cidrs=tuple(cidrs))
+
+
 # --- whole state --------------------------------------------------------------------------
 
 
@@ -527,6 +551,7 @@ def state_from_objects(
     services: dict[NamespacedName, Service] = {}
     slices: dict[NamespacedName, EndpointSlice] = {}
     nodes: dict[str, Node] = {}
+    service_cidrs: dict[str, ServiceCIDR] = {}
     problems: list[InvalidObject] = []
     for obj in objects:
         kind = obj.get("kind")
@@ -543,6 +568,12 @@ def state_from_objects(
             elif kind == "Node":
                 node = node_from_api(obj)
                 nodes[node.name] = node
+            elif kind == "ServiceCIDR":
+                service_cidr = service_cidr_from_api(obj)
+                service_cidrs[service_cidr.name] = service_cidr
         except InvalidObject as problem:
             problems.append(problem)
-    return ClusterState(services=services, endpoint_slices=slices, nodes=nodes), problems
+    cluster = ClusterState(
+        services=services, endpoint_slices=slices, nodes=nodes, service_cidrs=service_cidrs
+    )
+    return cluster, problems

@@ -6,7 +6,8 @@
     ├── InvalidObject          one API object with a missing/invalid field (skipped, others go on)
     ├── RulesetParseError      iptables-save/restore text the tracer cannot read (restore_text.py)
     └── KernelError            a kernel tool or netlink call failed (translated at the adapter edge)
-        └── RestoreError       iptables-restore rejected its input; carries the offending lines
+        ├── RestoreError       iptables-restore rejected its input; carries the offending lines
+        └── NftError           `nft -f` rejected a transaction; carries the offending lines
 
 Foreign exceptions (CalledProcessError, OSError, netlink errors) are translated into these
 by the adapter that called the foreign code, so callers never need to know the mechanism.
@@ -46,6 +47,14 @@ class KernelError(PyproxyError):
 
 class RestoreError(KernelError):
     """iptables-restore rejected its input."""
+
+    def __init__(self, message: str, offending_lines: tuple[str, ...] = ()) -> None:
+        self.offending_lines = offending_lines
+        super().__init__(message)
+
+
+class NftError(KernelError):
+    """`nft -f` rejected a transaction (nothing of it was applied: transactions are atomic)."""
 
     def __init__(self, message: str, offending_lines: tuple[str, ...] = ()) -> None:
         self.offending_lines = offending_lines

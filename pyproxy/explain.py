@@ -1466,11 +1466,12 @@ def _select_ports(
     picked = tuple(
         p
         for p in ports
-        if port in (p.name, str(p.port)) or (port.isdigit() and int(port) == p.node_port)
+        if port in (p.name, str(p.port))
+        or (port.isascii() and port.isdigit() and int(port) == p.node_port)
     )
     if picked:
         return picked, None
-    if port.isdigit():
+    if port.isascii() and port.isdigit():
         return (), (int(port), protocol or Protocol.TCP)
     return (), None
 

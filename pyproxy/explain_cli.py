@@ -111,7 +111,7 @@ def _add_proxy_flags(p: argparse.ArgumentParser, *, backend: bool) -> None:
         ("--cluster-cidr", "CIDR[,CIDR]", "pod CIDRs (local-traffic detection)"),
         ("--nodeport-addresses", "CIDR[,CIDR]|primary", "addresses NodePorts answer on"),
         ("--iptables-masquerade-bit", "N", "masquerade mark bit (default 14)"),
-        ("--feature-gates", "KEY=BOOL,...", "supported: PreferSameTrafficDistribution"),
+        ("--feature-gates", "KEY=BOOL,...", "as kube-proxy v1.34.4 (see pyproxy --help)"),
     ):
         g.add_argument(flag, action=_Forward, metavar=metavar, help=help_text)
     g.add_argument(
@@ -153,7 +153,7 @@ def _source(value: str) -> str:
 
 
 def _port(value: str) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 65535:
         raise argparse.ArgumentTypeError(f"invalid port {value!r} (1-65535)")
     return int(value)
 

@@ -16,7 +16,9 @@ it byte for byte (upstream `pkg/proxy/healthcheck/proxy_health.go` and `service_
 
 The HTTP plumbing (`HTTPService`) is shared with the metrics server: stdlib
 `ThreadingHTTPServer`, one daemon thread per request, and an accept loop that a wake-up socket
-ends immediately, so stopping never waits for a poll interval.
+ends immediately, so stopping never waits for a poll interval. Every listener sets SO_REUSEADDR
+(as Go's listeners do), so a restarted agent rebinds its ports at once despite the TIME_WAIT
+connections its predecessor left behind.
 """
 
 from __future__ import annotations
@@ -271,7 +273,12 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host name with getfqdn(), a DNS lookup that can
-        # hang when DNS is down; nothing here needs it.
+        # hang when DNS is down; nothing here needs it. Overriding it also drops socketserver's
+        # SO_REUSEADDR, which must stay: the connections of the previous process (kubelet
+        # probes, load-balancer checks) sit in TIME_WAIT on this port for 60 s after it exits,
+        # and without the option a restarted agent cannot bind until they expire. Go's
+        # net.Listen sets it too; it still refuses a port another socket listens on.
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(self.server_address)
         self.server_address = self.socket.getsockname()
         self.server_name = str(self.server_address[0])
@@ -395,6 +402,26 @@ class HTTPService:
             address=self.bind_address,
             port=self._listener.address[1],
         )
+
+    def start_retrying(self, stop: threading.Event, interval: float = 5.0) -> None:
+        """Start now if the address can be bound, else keep trying every `interval` seconds in
+        the background until it can or `stop` is set, as kube-proxy's servers do: the proxy
+        this one replaces on the node (a rollout, a switch from or to kube-proxy) may hold the
+        port a little longer, and without /healthz the pod would never turn Ready."""
+        try:
+            self.start()
+        except OSError:
+            threading.Thread(
+                target=self._retry, args=(stop, interval), daemon=True, name=f"{self.name}-retry"
+            ).start()
+
+    def _retry(self, stop: threading.Event, interval: float) -> None:
+        while not stop.wait(interval):
+            try:
+                self.start()
+            except OSError:
+                continue  # start() logged it
+            return
 
     def stop(self) -> None:
         """Close the listening socket now; requests already being answered still finish."""

@@ -188,6 +188,15 @@ class Node:
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceCIDR:
+    """A networking.k8s.io/v1 ServiceCIDR: ranges cluster IPs are allocated from. nftables
+    mode drops traffic to addresses in them that no Service has."""
+
+    name: str
+    cidrs: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterState:
     """Everything the proxy reads from the API, keyed for incremental updates."""
 
@@ -195,6 +204,13 @@ class ClusterState:
     #: EndpointSlices keyed by (namespace, slice name).
     endpoint_slices: Mapping[NamespacedName, EndpointSlice] = field(default_factory=dict)
     nodes: Mapping[str, Node] = field(default_factory=dict)
+    service_cidrs: Mapping[str, ServiceCIDR] = field(default_factory=dict)
+
+    def all_service_cidrs(self) -> tuple[IPNetwork, ...]:
+        """Every ServiceCIDR's ranges, deduplicated and sorted (upstream joins an unordered
+        set; sorting makes the rule text stable)."""
+        cidrs = {c for sc in self.service_cidrs.values() for c in sc.cidrs}
+        return tuple(sorted(cidrs, key=lambda c: (c.version, c.network_address, c.prefixlen)))
 
 
 def format_endpoint(ip: IPAddress, port: int) -> str:

@@ -12,7 +12,7 @@ import argparse
 import re
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pyproxy.convert import parse_cidr, parse_ip
 from pyproxy.errors import ConfigError
@@ -20,7 +20,7 @@ from pyproxy.ipvs.plan import normalize_scheduler
 from pyproxy.model import IPAddress, IPFamily, IPNetwork, Node
 from pyproxy.proxystate import ProxierConfig
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")  # ASCII, as Go
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -50,6 +50,57 @@ def parse_bool(text: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class FeatureGate:
+    """One gate's v1.34.4 spec (pkg/features/kube_features.go): its default, and whether it
+    is locked to that default (GA gates kept only so that old flags still parse)."""
+
+    default: bool
+    locked: bool = False
+
+
+#: Every gate whose behaviour pyproxy implements, as kube-proxy v1.34.4 registers it. The
+#: locked ones are accepted at their default, as kube-proxy does, and rejected otherwise.
+FEATURE_GATES: dict[str, FeatureGate] = {
+    # Node hints (hints.forNodes) select the endpoints: beta since 1.34, on by default.
+    "PreferSameTrafficDistribution": FeatureGate(default=True),
+    # spec.trafficDistribution (hints set by the EndpointSlice controller): GA, locked in 1.33.
+    "ServiceTrafficDistribution": FeatureGate(default=True, locked=True),
+    # Zone hints: GA, locked in 1.33.
+    "TopologyAwareHints": FeatureGate(default=True, locked=True),
+    # status.loadBalancer.ingress[].ipMode: GA, locked in 1.32.
+    "LoadBalancerIPMode": FeatureGate(default=True, locked=True),
+}
+
+
+def parse_feature_gates(text: str) -> dict[str, bool]:
+    """`--feature-gates KEY=BOOL,...` as component-base parses it: an unknown gate, a value
+    that is not a boolean, or a locked gate set away from its default is an error naming the
+    gate. Returns only the gates given."""
+    gates: dict[str, bool] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"--feature-gates: missing bool value for {key}")
+        spec = FEATURE_GATES.get(key)
+        if spec is None:
+            raise ConfigError(f"--feature-gates: unrecognized feature gate: {key}")
+        try:
+            enabled = parse_bool(value)
+        except ValueError:
+            raise ConfigError(
+                f"--feature-gates: invalid value of {key}={value.strip()} (true or false)"
+            ) from None
+        if spec.locked and enabled != spec.default:
+            raise ConfigError(
+                f"--feature-gates: cannot set feature gate {key} to {str(enabled).lower()},"
+                f" feature is locked to {str(spec.default).lower()}"
+            )
+        gates[key] = enabled
+    return gates
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyOptions:
     proxy_mode: str = "iptables"
     hostname_override: str = ""
@@ -72,7 +123,8 @@ class ProxyOptions:
     node_ips: tuple[IPAddress, ...] = ()
     iptables_backend: str = "auto"
     verbosity: int = 0
-    prefer_same_node: bool = False
+    #: The PreferSameTrafficDistribution gate: beta and on by default in 1.34.
+    prefer_same_node: bool = FEATURE_GATES["PreferSameTrafficDistribution"].default
 
     @property
     def node_name(self) -> str:
@@ -106,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pyproxy",
         description="kube-proxy in Python: program Service rules for this node.",
     )
-    p.add_argument("--proxy-mode", choices=("iptables", "ipvs"), default="iptables")
+    p.add_argument("--proxy-mode", choices=("iptables", "ipvs", "nftables"), default="iptables")
     p.add_argument(
         "--hostname-override",
         default="",
@@ -131,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--nodeport-addresses",
         default="",
         metavar="CIDR[,CIDR]|primary",
-        help="addresses NodePorts answer on (default: every local address)",
+        help="addresses NodePorts answer on (default: every local address; nftables: primary)",
     )
     p.add_argument(
         "--iptables-localhost-nodeports",
@@ -190,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--feature-gates",
         default="",
         metavar="KEY=BOOL,...",
-        help="supported: PreferSameTrafficDistribution",
+        help="gates pyproxy implements, defaults as kube-proxy v1.34.4: "
+        + ", ".join(f"{k}={str(v.default).lower()}" for k, v in FEATURE_GATES.items()),
     )
     return p
 
@@ -220,15 +273,7 @@ def parse_options(argv: Sequence[str]) -> ProxyOptions:
         raise ConfigError(f"--ipvs-scheduler: {err}") from None
     if not 0 <= args.iptables_masquerade_bit <= 31:
         raise ConfigError("--iptables-masquerade-bit must be between 0 and 31")
-    gates = {}
-    for item in filter(None, (t.strip() for t in args.feature_gates.split(","))):
-        key, _, value = item.partition("=")
-        if key != "PreferSameTrafficDistribution":
-            raise ConfigError(f"--feature-gates: unknown gate {key!r}")
-        try:
-            gates[key] = parse_bool(value)
-        except ValueError as err:
-            raise ConfigError(f"--feature-gates: {err}") from None
+    gates = parse_feature_gates(args.feature_gates)
     return ProxyOptions(
         proxy_mode=args.proxy_mode,
         hostname_override=args.hostname_override,
@@ -250,7 +295,9 @@ def parse_options(argv: Sequence[str]) -> ProxyOptions:
         node_ips=tuple(args.node_ip),
         iptables_backend=args.iptables_backend,
         verbosity=args.v,
-        prefer_same_node=gates.get("PreferSameTrafficDistribution", False),
+        prefer_same_node=gates.get(
+            "PreferSameTrafficDistribution", FEATURE_GATES["PreferSameTrafficDistribution"].default
+        ),
     )
 
 
@@ -263,6 +310,20 @@ def node_ips(
     if node is not None and node.addresses:
         return node.addresses
     return tuple(host_ips)
+
+
+def with_interface_ips(
+    configs: Sequence[ProxierConfig], interface_ips: Sequence[IPAddress]
+) -> tuple[ProxierConfig, ...]:
+    """Give each config its family's interface addresses, for `--nodeport-addresses` CIDRs.
+
+    Upstream (NodePortAddresses.GetNodeIPs) matches the CIDRs against every address of the
+    host's interfaces, not only the node IPs; callers pass those addresses only when CIDRs
+    were given (the default, every local address, and `primary` do not need them)."""
+    return tuple(
+        replace(c, interface_ips=tuple(ip for ip in interface_ips if IPFamily.of(ip) is c.family))
+        for c in configs
+    )
 
 
 def proxier_configs(
@@ -280,21 +341,25 @@ def proxier_configs(
         if IPFamily.of(ip) not in families:
             families.append(IPFamily.of(ip))
     configs = []
+    nftables = options.proxy_mode == "nftables"
+    # nftables mode: NodePorts default to the primary node IPs, and never on localhost.
+    nodeport_flag = options.nodeport_addresses or (("primary",) if nftables else ())
     for family in families:
         family_ips = tuple(ip for ip in ips if IPFamily.of(ip) is family)
-        if options.nodeport_addresses == ("primary",):
+        if nodeport_flag == ("primary",):
             nodeport: tuple[IPNetwork, ...] = (
                 parse_cidr(f"{family_ips[0]}/{family_ips[0].max_prefixlen}"),
             )
         else:
             nodeport = tuple(
                 net
-                for net in (parse_cidr(t) for t in options.nodeport_addresses)
+                for net in (parse_cidr(t) for t in nodeport_flag)
                 if IPFamily.of(net) is family
             )
         # Localhost NodePorts: IPv4 only, and only if the nodeport addresses include loopback.
         localhost = (
-            options.localhost_nodeports
+            not nftables
+            and options.localhost_nodeports
             and family is IPFamily.IPv4
             and (not nodeport or any(parse_ip("127.0.0.1") in net for net in nodeport))
         )

@@ -9,10 +9,11 @@ One pure function, documented rule by rule, shared by every backend and by `pypr
 - All reachable: the union, i.e. every endpoint that needs a KUBE-SEP chain on this node.
 - has_any: the service has a usable endpoint anywhere (else its traffic is rejected).
 
-Topology: PreferSameNode (node hints, behind a feature gate as upstream) when every ready endpoint
-has node hints and one is for this node; else PreferSameZone when every ready endpoint has zone
-hints and the node's zone label matches one. Hints are set by the EndpointSlice controller from
-`spec.trafficDistribution` or the topology-mode annotation; kube-proxy only reads the hints.
+Topology: PreferSameNode (node hints, behind a feature gate as upstream: beta and on by default
+in 1.34) when every ready endpoint has node hints and one is for this node; else PreferSameZone
+when every ready endpoint has zone hints and the node's zone label matches one. Hints are set
+by the EndpointSlice controller from `spec.trafficDistribution` or the topology-mode annotation;
+kube-proxy only reads the hints.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def topology_mode(
     *,
     node_name: str,
     zone: str | None,
-    prefer_same_node: bool = False,
+    prefer_same_node: bool = True,
 ) -> TopologyMode:
     """Which topology filter applies to the Cluster endpoints, as upstream's canUseTopology."""
     ready = [ep for ep in endpoints if ep.ready]
@@ -79,7 +80,7 @@ def categorize_endpoints(
     *,
     node_name: str,
     zone: str | None,
-    prefer_same_node: bool = False,
+    prefer_same_node: bool = True,
 ) -> CategorizedEndpoints:
     """Split `endpoints` (sorted by `ip:port`) for `svc` as seen from this node."""
     cluster: tuple[EndpointInfo, ...] = ()

@@ -52,8 +52,12 @@ class ProxierConfig:
     localhost_nodeports: bool = True
     #: `--nodeport-addresses` of this family; empty means every local address.
     nodeport_addresses: tuple[IPNetwork, ...] = ()
-    #: The PreferSameTrafficDistribution feature gate (node hints).
-    prefer_same_node: bool = False
+    #: This family's addresses of the host's interfaces, matched against the nodeport CIDRs as
+    #: upstream's GetNodeIPs does (an address need not be a node IP to take NodePorts). Filled
+    #: in by the shell for real syncs; empty in a dry run, where the node IPs stand in.
+    interface_ips: tuple[IPAddress, ...] = ()
+    #: The PreferSameTrafficDistribution feature gate (node hints): on by default in 1.34.
+    prefer_same_node: bool = True
     #: `nf_conntrack_tcp_be_liberal` was set on the host (drops the INVALID rule).
     conntrack_tcp_be_liberal: bool = False
 
@@ -72,7 +76,7 @@ class ProxierConfig:
             return None
         # The loopback interface is a local interface too; the renderer decides if it may be used.
         loopback = ipaddress.ip_address("127.0.0.1" if self.family is IPFamily.IPv4 else "::1")
-        candidates = (loopback, *self.node_ips)
+        candidates = dict.fromkeys((loopback, *self.node_ips, *self.interface_ips))
         return tuple(ip for ip in candidates if any(ip in net for net in self.nodeport_addresses))
 
 

@@ -102,7 +102,7 @@ class _GcPause:
 
     Decoding allocates hundreds of thousands of containers; each few hundred trigger a young
     collection and every so often one that walks the whole heap, which roughly doubles the time
-    of a 10,000-object list (hack/bench_decode.py has the figures). The GC is process-wide, so
+    of a 10,000-object list (bench/decode.py has the figures). The GC is process-wide, so
     overlapping pauses from the three watch threads are counted: it runs again when the last
     one ends, and only if it was on before the first began.
     """

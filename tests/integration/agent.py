@@ -100,7 +100,7 @@ class Agent:
 
     def diagnose(self, probe: Callable[[], object] | None = None) -> str:
         """What a failed packet check needs explaining: the last probe's answers, the node's
-        rules and conntrack table, the client's route cache and ICMP counters."""
+        rules and conntrack table, the client's routes, route cache and ICMP counters."""
         parts = [] if probe is None else [f"probe now: {probe()!r}"]
         client = self.cluster.client
         for label, where, argv in (
@@ -108,6 +108,8 @@ class Agent:
             ("node-a filter", self.node, ["iptables-nft-save", "-t", "filter"]),
             ("node-a conntrack", self.node, ["conntrack", "-L"]),
             ("client routes", client, ["ip", "route", "show", "table", "all"]),
+            # Route exceptions (a taken ICMP redirect, a learnt MTU): not in the tables above.
+            ("client route cache", client, ["ip", "route", "show", "cache"]),
             ("client neighbours", client, ["ip", "neigh"]),
             ("client ICMP", client, ["nstat", "-az", "Icmp*"]),
         ):
@@ -186,9 +188,11 @@ def set_endpoints(
     proto: str = "TCP",
     port_name: str = "p",
     not_ready: Collection[str] = (),
+    terminating: Collection[str] = (),
 ) -> None:
     """Create or replace the Service's one EndpointSlice: `eps` are (address, node name); the
-    addresses in `not_ready` have condition ready false."""
+    addresses in `not_ready` have condition ready false, those in `terminating` are terminating
+    but still serving (a pod being deleted, inside its grace period)."""
     body = {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -200,7 +204,11 @@ def set_endpoints(
         "addressType": "IPv4",
         "ports": [{"name": port_name, "port": port, "protocol": proto}],
         "endpoints": [
-            {"addresses": [ip], "nodeName": node, "conditions": {"ready": ip not in not_ready}}
+            {
+                "addresses": [ip],
+                "nodeName": node,
+                "conditions": _conditions(ip, not_ready, terminating),
+            }
             for ip, node in eps
         ],
     }
@@ -211,6 +219,14 @@ def set_endpoints(
         if err.status != 404:
             raise
         d.create_namespaced_endpoint_slice(ns, body)
+
+
+def _conditions(
+    ip: str, not_ready: Collection[str], terminating: Collection[str]
+) -> dict[str, bool]:
+    if ip in terminating:
+        return {"ready": False, "serving": True, "terminating": True}
+    return {"ready": ip not in not_ready}
 
 
 def answers(where: object, ip: str, port: int, n: int = 20) -> set[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import kubernetes
 import pytest
-from controlplane import ControlPlane, ControlPlaneError, api_client, find_bin_dir
+from netlab.controlplane import ControlPlane, ControlPlaneError, api_client, find_bin_dir
 
 
 @pytest.fixture(scope="session")

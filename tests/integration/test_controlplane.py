@@ -1,4 +1,4 @@
-"""Smoke tests of the test control plane itself (tests/integration/controlplane.py).
+"""Smoke tests of the test control plane itself (tests/netlab/controlplane.py).
 
 They prove the three things pyproxy's integration tests build on: objects written through the API
 come back (also to the kube-proxy identity, which RBAC limits to reading), the API server can go
@@ -12,7 +12,6 @@ import json
 import kubernetes
 import pytest
 import urllib3
-from controlplane import ControlPlane, api_client
 from kubernetes.client import (
     CoreV1Api,
     DiscoveryV1Api,
@@ -23,6 +22,7 @@ from kubernetes.client import (
     V1ServiceSpec,
 )
 from kubernetes.client.rest import ApiException
+from netlab.controlplane import ControlPlane, api_client
 
 pytestmark = pytest.mark.integration
 

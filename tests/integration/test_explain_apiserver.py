@@ -32,8 +32,8 @@ from agent import (
     running_agent,
     set_endpoints,
 )
-from controlplane import ControlPlane
 from netlab import Cluster
+from netlab.controlplane import ControlPlane
 from netlab.fixtures import cluster_fixture
 
 pytestmark = [pytest.mark.integration]

@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 import yaml
-from controlplane import ControlPlaneError, find_bin_dir
+from netlab.controlplane import ControlPlaneError, find_bin_dir
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +50,7 @@ SHELL_SCRIPTS = sorted(
         *REPO_ROOT.glob("hack/kind-*.sh"),
         REPO_ROOT / "hack/e2e-kind.sh",
         REPO_ROOT / "hack/upstream-e2e.sh",
+        REPO_ROOT / "hack/migrate.sh",
     ]
 )
 

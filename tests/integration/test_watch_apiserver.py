@@ -19,7 +19,7 @@ from typing import Any
 
 import kubernetes
 import pytest
-from controlplane import ControlPlane, api_client
+from netlab.controlplane import ControlPlane, api_client
 
 from pyproxy.convert import endpoint_slice_from_api, node_from_api, service_from_api
 from pyproxy.sources.kube import KubeSource

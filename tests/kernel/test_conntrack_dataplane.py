@@ -27,7 +27,7 @@ from pyproxy.conntrack import (
     NetlinkConntrack,
     Pyroute2Conntrack,
 )
-from pyproxy.conntrack_plan import IPPROTO_UDP, Flow
+from pyproxy.conntrack_plan import IPPROTO_UDP, Flow, cleanup_needed
 from pyproxy.model import IPFamily, Protocol, format_endpoint
 from pyproxy.policy import categorize_endpoints
 from pyproxy.proxystate import ServicePortState
@@ -57,15 +57,25 @@ def family(fam: int) -> IPFamily:
     return IPFamily.IPv4 if fam == 4 else IPFamily.IPv6
 
 
-def state(fam: int, endpoint_ips: Sequence[str]) -> ServicePortState:
-    """The UDP service port `t/dns:dns` on SERVICE_IP:53 with these endpoints on 5353."""
+def state(
+    fam: int, endpoint_ips: Sequence[str], *, terminating: Sequence[str] = ()
+) -> ServicePortState:
+    """The UDP service port `t/dns:dns` on SERVICE_IP:53 with these endpoints on 5353; those
+    also in `terminating` are terminating but still serving."""
     info = ServicePortInfo(
         name=ServicePortName("t", "dns", "dns", Protocol.UDP),
         cluster_ip=ipaddress.ip_address(SERVICE_IP[fam]),
         port=PORT,
     )
     eps = tuple(
-        EndpointInfo.make(ipaddress.ip_address(ep), TARGET, is_local=True, node_name="node-a")
+        EndpointInfo.make(
+            ipaddress.ip_address(ep),
+            TARGET,
+            is_local=True,
+            node_name="node-a",
+            ready=ep not in terminating,
+            terminating=ep in terminating,
+        )
         for ep in sorted(endpoint_ips)
     )
     return ServicePortState(
@@ -172,6 +182,40 @@ def test_flow_cached_before_there_were_endpoints_is_cleared(cluster: Cluster, fa
     result = clean(node, fam, state(fam, []), state(fam, [a1]))
     assert (result.stale, result.deleted) == (1, 1), result
     assert answered_by(ask(cluster, fam)) == "a1"
+
+
+def sync(node: Node, fam: int, before: ServicePortState, after: ServicePortState) -> int | None:
+    """What the controller does in a sync: write the rules for the endpoints `after` uses, then
+    clean conntrack if `cleanup_needed` says so; the number of flows deleted, None if skipped."""
+    program(node, fam, [str(ep.ip) for ep in after.categorized.all_reachable])
+    if not cleanup_needed([before], [after]):
+        return None
+    return clean(node, fam, before, after).deleted
+
+
+@FAMILIES
+def test_flow_leaves_an_endpoint_removed_after_terminating(cluster: Cluster, fam: int) -> None:
+    """Issue 16: the endpoint leaves the rules while still serving, then goes away."""
+    node = cluster.node("a")
+    pods = {name: cluster.pod(name).addr(fam) for name in ("a1", "a2")}
+    ips = list(pods.values())
+    cluster.client_route(SERVICE_CIDR[fam], "a")
+    ready = state(fam, ips)
+    program(node, fam, ips)
+    leaving = answered_by(ask(cluster, fam))
+    staying = next(name for name in pods if name != leaving)
+
+    # Step 1: terminating but serving. The rules drop it; its flow is valid and kept.
+    draining = state(fam, ips, terminating=[pods[leaving]])
+    assert sync(node, fam, ready, draining) is None
+    assert answered_by(udp_ask(cluster.client, SERVICE_IP[fam], PORT, timeout=1.5)) == staying
+    assert answered_by(ask(cluster, fam)) == leaving
+
+    # Step 2: removed. The rules stay as they were; the flow is stale and must go.
+    gone = state(fam, [pods[staying]])
+    deleted = sync(node, fam, draining, gone)
+    assert answered_by(ask(cluster, fam)) == staying
+    assert deleted == 1
 
 
 # ---- synthetic tables ----------------------------------------------------------------------------

@@ -326,6 +326,10 @@ def test_external_traffic_policy_local_drops_on_a_node_without_local_endpoints(
     net: Cluster,
 ) -> None:
     assert isinstance(tcp_ask(net.client, NODE_B, 30050, timeout=1.5), Timeout)
+    # Controls: the same node port answers on the node with the local endpoint, and node-b
+    # answers the client on a Cluster-policy node port (so the drop is the policy's doing).
+    assert name(tcp_ask(net.client, NODE_A, 30050)) == "a1"
+    assert name(tcp_ask(net.client, NODE_B, 30040)) == "b1"
 
 
 def test_external_traffic_policy_local_short_circuits_pod_traffic(net: Cluster) -> None:

@@ -192,6 +192,10 @@ def test_address_plan(cluster: Cluster) -> None:
     assert a.sysctl("net.ipv4.ip_forward") == "1"
     assert a.sysctl("net.ipv6.conf.all.forwarding") == "1"
     assert cluster.pod("a1").sysctl("net.ipv4.ip_forward") == "0"
+    # Nobody learns routes from ICMP redirects (the interfaces inherit it from "default").
+    for host in (cluster.client, a, cluster.pod("a1")):
+        assert host.sysctl("net.ipv4.conf.eth0.accept_redirects") == "0"
+        assert host.sysctl("net.ipv6.conf.eth0.accept_redirects") == "0"
     # Pods route Service CIDRs via their node: the default route.
     route = cluster.pod("a1").ip_cmd("route", "get", "10.96.0.1").stdout
     assert "via 169.254.1.1 dev eth0" in route

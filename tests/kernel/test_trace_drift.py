@@ -287,4 +287,7 @@ def test_unit_captures_are_what_the_kernel_saves(traced_cluster: Cluster, backen
     golden = GOLDEN / f"policies.{backend}.save"
     if os.environ.get("UPDATE_GOLDEN") == "1":
         golden.write_text(saved)
+        # An update run never passes: the capture must be reviewed and recorded first
+        # (tests/unit/test_golden_review.py, hack/review_golden.py).
+        pytest.fail(f"rewrote {golden.name}: review it, then hack/review_golden.py {golden}")
     assert golden.read_text() == saved, f"{golden.name} is stale: rerun with UPDATE_GOLDEN=1"

@@ -59,6 +59,17 @@ COMMON_SYSCTLS: dict[str, str] = {
     "net.ipv6.conf.all.accept_dad": "0",
     "net.ipv6.conf.default.accept_dad": "0",
     "net.ipv6.conf.default.router_solicitations": "0",
+    # No host learns routes from ICMP redirects. A node forwards a packet no rule translated
+    # (a Service or LB IP before its rule exists) back out of the LAN interface it came in on,
+    # to the router, and so tells the client "use the router"; a client that takes the hint
+    # caches it for 5 minutes (`ip route show cache`) and never reaches the node again, rules
+    # or not. Real clients of LB and external IPs sit behind a router or reach the node by
+    # ARP, where no redirect applies; here they share the node's LAN and router.
+    # tests/kernel/test_rule_gap.py shows the mechanism.
+    "net.ipv4.conf.all.accept_redirects": "0",
+    "net.ipv4.conf.default.accept_redirects": "0",
+    "net.ipv6.conf.all.accept_redirects": "0",
+    "net.ipv6.conf.default.accept_redirects": "0",
 }
 ROUTER_SYSCTLS: dict[str, str] = {
     "net.ipv4.ip_forward": "1",

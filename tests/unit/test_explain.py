@@ -4,7 +4,8 @@ Each case runs the real command (`explain_cli.main`) over a state file in tests/
 (its `# args:` lines give the node flags) and checks the structured result (diagnosis codes,
 the outcome of each connection, why endpoints are not used) and key phrases of the plain text.
 The JSON of every case is also kept as a golden file (`<case>.json`; regenerate with
-UPDATE_GOLDEN=1 and review the diff).
+UPDATE_GOLDEN=1, which fails the run, review the diff and record it with hack/review_golden.py:
+tests/unit/test_golden_review.py fails until then).
 
 Drift is checked against iptables-save output captured from a real kernel (nft and legacy) after
 `pyproxy --once --state policies.yaml` (`policies.<backend>.save`): untouched, it must match
@@ -396,6 +397,9 @@ def test_explain(case: Case) -> None:
     golden = GOLDEN / f"{case.id}.json"
     if os.environ.get("UPDATE_GOLDEN") == "1":
         golden.write_text(raw)
+        # An update run never passes: the rewrite must be reviewed and recorded first
+        # (tests/unit/test_golden_review.py, hack/review_golden.py).
+        pytest.fail(f"rewrote {golden.name}: review it, then hack/review_golden.py {golden}")
     assert golden.exists(), f"{golden} missing: run with UPDATE_GOLDEN=1 and review it"
     assert json.loads(golden.read_text()) == data, f"{golden.name} differs (UPDATE_GOLDEN=1)"
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from pyproxy.healthcheck import (
     parse_bind_address,
     service_health_body,
 )
-from pyproxy.metrics import Metrics
+from pyproxy.metrics import Metrics, MetricsServer
 from pyproxy.model import IPFamily, NamespacedName, Node
 
 V4, V6 = IPFamily.IPv4, IPFamily.IPv6
@@ -295,6 +297,30 @@ def test_healthz_bind_failure_raises(health: ProxyHealth) -> None:
         assert server.address is None
 
 
+def test_server_starts_once_the_port_is_released(health: ProxyHealth) -> None:
+    """The proxy pyproxy replaces may still hold 10256 when pyproxy starts: it must not give up
+    (a pod without /healthz never turns Ready), but bind as soon as the port is free."""
+    stop = threading.Event()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    server = HealthzServer(health, f"127.0.0.1:{port}")
+    try:
+        server.start_retrying(stop, interval=0.05)
+        assert server.address is None
+        taken.close()
+        deadline = time.monotonic() + 30
+        while server.address is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.address == ("127.0.0.1", port)
+        assert http_get(f"http://127.0.0.1:{port}/livez")[0] == 200
+    finally:
+        stop.set()
+        taken.close()
+        server.stop()
+
+
 # --- health-check node ports --------------------------------------------------------------------
 
 SVC = NamespacedName("default", "web")
@@ -402,3 +428,83 @@ def test_hcnp_port_changing_service_keeps_listening(hcnp: ServiceHealthServer) -
     code, _, body = http_get(f"http://127.0.0.1:{port}/")
     assert code == 200
     assert json.loads(body)["service"] == {"namespace": "other", "name": "svc"}
+
+
+# --- rebinding after a restart ------------------------------------------------------------------
+
+TCP_TIME_WAIT = "06"  # the state column of /proc/net/tcp
+
+
+def time_wait_sockets(port: int) -> int:
+    """How many TIME_WAIT sockets have local address 127.0.0.1:`port`."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(1 for row in rows if row[1] == local and row[3] == TCP_TIME_WAIT)
+
+
+def leave_time_wait(port: int, path: str) -> None:
+    """One HTTP/1.0 exchange that the server closes first, as a kubelet probe does: the
+    server's end of it then waits in TIME_WAIT on `port` (for 60 s, longer than the test)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        while client.recv(4096):  # until the server's FIN: it closed first
+            pass
+    for _ in range(100):  # our FIN moves the server's end from FIN_WAIT2 to TIME_WAIT
+        if time_wait_sockets(port):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no TIME_WAIT socket on 127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("kind", ["healthz", "metrics"])
+def test_server_rebinds_at_once_despite_time_wait(health: ProxyHealth, kind: str) -> None:
+    port = free_port()
+
+    def server() -> HealthzServer | MetricsServer:
+        if kind == "healthz":
+            return HealthzServer(health, f"127.0.0.1:{port}")
+        return MetricsServer(Metrics(), "iptables", f"127.0.0.1:{port}")
+
+    path = "/livez" if kind == "healthz" else "/proxyMode"
+    first = server()
+    first.start()
+    leave_time_wait(port, path)
+    first.stop()  # the agent exits; its probes' connections stay in TIME_WAIT
+
+    restarted = server()
+    restarted.start()  # [Errno 98] Address already in use without SO_REUSEADDR
+    try:
+        assert time_wait_sockets(port) > 0  # the restart really met a TIME_WAIT socket
+        assert http_get(f"http://127.0.0.1:{port}{path}")[0] == 200
+    finally:
+        restarted.stop()
+
+
+def test_hcnp_rebinds_at_once_despite_time_wait(health: ProxyHealth) -> None:
+    port = free_port()
+    first = ServiceHealthServer(health, ["127.0.0.1"])
+    first.sync_services({port: SVC})
+    leave_time_wait(port, "/")
+    first.stop()
+
+    restarted = ServiceHealthServer(health, ["127.0.0.1"])
+    try:
+        restarted.sync_services({port: SVC})
+        assert time_wait_sockets(port) > 0
+        assert restarted.ports == {port}
+        assert http_get(f"http://127.0.0.1:{port}/")[0] == 503
+    finally:
+        restarted.stop()
+
+
+def test_reuseaddr_still_refuses_a_port_someone_listens_on(health: ProxyHealth) -> None:
+    first = HealthzServer(health, "127.0.0.1:0")
+    first.start()
+    assert first.address is not None
+    try:
+        second = HealthzServer(health, f"127.0.0.1:{first.address[1]}")
+        with pytest.raises(OSError):
+            second.start()
+    finally:
+        first.stop()

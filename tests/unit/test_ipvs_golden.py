@@ -11,7 +11,7 @@ only the two local endpoints are in KUBE-LOOP-BACK.
 
 On an intended change, print the new text with
 `UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/unit/test_ipvs_golden.py` (it is written to
-stdout, review it, then paste it below).
+stdout and the test fails, review it, then paste it below).
 """
 
 # ruff: noqa: E501  # the golden text holds real rule lines, longer than 100 characters
@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import os
 
+import pytest
 from unit_support import (
     BASE_ARGS,
     TEST_NODE,
@@ -205,6 +206,8 @@ def test_dry_run_golden() -> None:
     got = _render()
     if os.environ.get("UPDATE_GOLDEN") == "1":
         print(got)
+        # An update run never passes: the printed text is pasted in by hand after review.
+        pytest.fail("UPDATE_GOLDEN=1: printed the dry run; review it and paste it into GOLDEN")
     if got != GOLDEN:
         diff = "".join(
             difflib.unified_diff(

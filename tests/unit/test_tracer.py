@@ -11,7 +11,6 @@ reordered, ``/32`` added, ``--set-xmark``, built-in chains with policies and jum
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -868,9 +867,9 @@ def test_sort_ruleset_text() -> None:
     assert sort_ruleset_text(RESTORE) == sort_ruleset_text(sort_ruleset_text(RESTORE))
 
 
-def test_parse_is_fast_and_lazy() -> None:
-    # ~2k lines; rule options are only parsed when a chain's rules are read. (100k lines
-    # take a fraction of a second; not timed here to keep the unit suite fast.)
+def test_parse_is_lazy() -> None:
+    # ~2k lines; rule options are only parsed when a chain's rules are read. How long parsing
+    # takes is measured by hack/bench_tracer.py, not asserted here (a loaded runner is slow).
     lines = ["*nat", ":KUBE-SERVICES - [0:0]"]
     for i in range(500):
         svc = f"KUBE-SVC-{i:016d}"
@@ -885,14 +884,12 @@ def test_parse_is_fast_and_lazy() -> None:
         )
         lines.append(f"-A {svc} -j KUBE-SEP-B")
     lines += ["COMMIT", ""]
-    start = time.perf_counter()
     rs = parse_ruleset("\n".join(lines))
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.2
     services = rs.chain("nat", "KUBE-SERVICES")
     assert services is not None
     assert len(services.lines) == 500
     assert services.targets()[0] == "KUBE-SVC-0000000000000000"
+    assert services._rules is None  # the laziness itself is under test
     assert isinstance(services.rules[0], Rule)
     assert services.rules is services.rules  # parsed once
 

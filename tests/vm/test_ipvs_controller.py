@@ -23,8 +23,8 @@ from integration.agent import (
     running_agent,
     set_endpoints,
 )
-from integration.controlplane import ControlPlane, api_client, find_bin_dir
 from netlab import Cluster
+from netlab.controlplane import ControlPlane, api_client, find_bin_dir
 from netlab.fixtures import cluster_fixture
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("ip_vs")]

@@ -1,32 +1,31 @@
-#!/usr/bin/env python3
 """pyproxy against upstream kube-proxy, iptables mode, on a real control plane (not a test).
 
-    sudo .venv/bin/python hack/bench.py [--sizes 1000,5000,10000] [--min-sync 1,0]
-        [--proxies kube-proxy,pyproxy] [--changes 30] [--new-services 10] [--out bench/results]
-        [--backend legacy|nft] [--gap 1.5]
+    sudo .venv/bin/python -m bench.run [--sizes 1000,5000,10000] [--min-sync 1,0]
+        [--families ipv4,dual-stack] [--backend legacy|nft] [--runs 3]
+        [--changes 30] [--new-services 10] [--out bench/results] [--label TEXT]
 
-What it does (see bench/README.md for the figures and how to read them):
+What it does (bench/README.md says what each figure includes and the fairness rules):
 
-1. starts etcd + kube-apiserver (tests/integration/controlplane.py, binaries from
+1. starts etcd + kube-apiserver (tests/netlab/controlplane.py, binaries from
    hack/build-control-plane.sh) and creates the Node "node-bench";
 2. for each N (ascending; the objects of a smaller N are reused): creates Services 0..N-1 and one
    EndpointSlice of 5 endpoints each, directly, in parallel over raw HTTPS (timed separately);
-3. for each min sync period, for each proxy, in a fresh node network namespace:
-   (a) cold start: process start → nat KUBE-SERVICES holds a KUBE-SVC- jump per Service (the
-       ruleset is written in one iptables-restore, so that is the complete ruleset; a full
-       iptables-save afterwards cross-checks the chain counts);
-   (b) --changes endpoint changes (add, then remove, one extra endpoint of one Service) → time
-       until that Service's KUBE-SVC- chain has the new number of KUBE-SEP- jumps; p50, p99;
-   (c) --new-services new Services (Service + EndpointSlice) → time until their KUBE-SVC- chain
-       has its 5 endpoints; p50;
+3. for each family variant, each min sync period and each of --runs repeats, both proxies (the
+   order alternates from one repeat to the next), each in a fresh node network namespace, with
+   the same flags, PATH, verbosity and families:
+   (a) cold start: process start → the whole ruleset is in the kernel;
+   (b) --changes endpoint changes (add, then remove, one extra endpoint of one Service) → the
+       whole ruleset holding the change; p50, p99;
+   (c) --new-services new Services (Service + EndpointSlice) → likewise; p50;
    (d) CPU seconds (self + waited-for children, i.e. the iptables-restore runs) and peak RSS
        (VmHWM) of the proxy process over the whole run, from /proc just before SIGTERM;
    (e) bytes of iptables-restore input per full and per partial sync (pyproxy's log: medians;
        kube-proxy does not expose it: null);
    then the extra objects of (b)/(c) are put back as they were;
-4. writes bench/results/<stamp>.json and latest.json (the issue's schema), <stamp>-details.json
-   (creation times, wall time of each run, chain counts, every latency sample), <stamp>.md, and a
-   PNG plot (latest.png) of (a), (b) p50 and (c) against N.
+4. writes <out>/<stamp>.json and latest.json (one record per cell: medians over its runs, the
+   min-max in `spread`, the timeouts counted), <stamp>-details.json (every run, every sample),
+   <stamp>.md / latest.md and a PNG plot (latest.png). A `dataplane` section already in
+   latest.json (bench.dataplane) is kept.
 
 Runs as root (network namespaces). Progress lines go to stderr; the table goes to stdout.
 """
@@ -43,19 +42,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-HACK = Path(__file__).resolve().parent
-REPO = HACK.parent
-sys.path.insert(0, str(HACK))
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-
-from bench_model import (  # noqa: E402
+from bench.model import (
     ENDPOINTS_PER_SERVICE,
     EXTRA_POD_BASE,
+    FAMILIES,
     NAMESPACES,
     NEW_SERVICE_BASE,
+    censored,
     change_plan,
     document,
     lb_status,
@@ -64,6 +61,7 @@ from bench_model import (  # noqa: E402
     mix,
     node_body,
     percentile,
+    report,
     rounded,
     run_record,
     service_body,
@@ -72,7 +70,7 @@ from bench_model import (  # noqa: E402
     slice_body,
     validate,
 )
-from bench_node import (  # noqa: E402
+from bench.node import (
     Api,
     BenchError,
     NodeNetns,
@@ -85,6 +83,7 @@ from bench_node import (  # noqa: E402
     run,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 T0 = time.monotonic()
 
 
@@ -92,37 +91,59 @@ def progress(message: str) -> None:
     print(f"[bench {time.monotonic() - T0:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def wait_rules(
+def wait_complete(
     rules: Rules,
-    check: Any,
+    check: Callable[[], bool],
     *,
     timeout: float,
     interval: float,
+    settle: float,
     proxy: ProxyProcess,
     since: object = None,
+    timeline: list[tuple[float, object]] | None = None,
 ) -> float | None:
-    """Like wait_until, but only runs the (possibly costly) `check()` when the nat table has
-    changed (rules.token()) since `since` (a token taken before the change was made; None:
-    check at once); the time returned is when the change was first seen.
+    """When the whole ruleset holding a change was in the kernel, or None after `timeout`.
+
+    Polls `rules.token()` (a fingerprint of filter and nat in every family served) every
+    `interval`; runs the (possibly costly) `check()` only when the token has changed since
+    `since` (a token taken before the change was made; None: check at once). Once `check()`
+    holds, it keeps polling for `settle` seconds: the time returned is when the last token seen
+    was first seen, i.e. when the last table write before the ruleset came to rest landed
+    (a proxy that writes nat first and filter after, or IPv4 first and IPv6 after, is timed
+    to its last write, whatever the order).
 
     With the legacy variant, reading a chain copies the whole table out of the kernel under the
     xtables lock (0.3 s at N = 10,000): a read right after the change would hold up the proxy's
-    iptables-restore, so after a change nothing is read until the table has changed."""
+    iptables-restore, so after a change nothing is read until some table has changed.
+
+    `timeline`, if given, gets (time, token) of every change seen (for the details)."""
     deadline = time.monotonic() + timeout
     last: object = object() if since is None else since
+    first_seen = time.monotonic()
     while True:
         seen = time.monotonic()
         token = rules.token()
-        if rules.info is None or token != last:
-            last = token
+        if token != last:
+            last, first_seen = token, seen
+            if timeline is not None:
+                timeline.append((seen, token))
             if check():
-                # If the table changed again while check() ran, the state it saw may be newer
-                # than `token`: count from after the check (an upper bound).
-                return seen if rules.token() == token else time.monotonic()
+                break
         proxy.check_alive()
         if time.monotonic() > deadline:
             return None
         time.sleep(interval)
+    end = time.monotonic() + settle
+    while time.monotonic() < end:
+        seen = time.monotonic()
+        token = rules.token()
+        if token != last:
+            last, first_seen = token, seen
+            if timeline is not None:
+                timeline.append((seen, token))
+        proxy.check_alive()
+        time.sleep(interval)
+    return first_seen
 
 
 # --- objects ------------------------------------------------------------------------------------
@@ -178,6 +199,8 @@ def one_run(
     proxy: str,
     n: int,
     min_sync: float,
+    families: str,
+    repeat: int,
     args: argparse.Namespace,
     api: Api,
     api_server: str,
@@ -186,20 +209,40 @@ def one_run(
     workdir: Path,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     started_wall = time.monotonic()
-    details: dict[str, Any] = {"proxy": proxy, "n_services": n, "min_sync_period_s": min_sync}
-    env = dict(os.environ)
-    env["PATH"] = f"{iptables_shim(workdir, args.backend)}:{env.get('PATH', '/usr/sbin:/usr/bin')}"
-    log = workdir / f"{proxy}-n{n}-min{min_sync:g}.log"
+    fams = FAMILIES[families]
+    details: dict[str, Any] = {
+        "proxy": proxy,
+        "backend": args.backend,
+        "families": families,
+        "n_services": n,
+        "min_sync_period_s": min_sync,
+        "repeat": repeat,
+    }
+    # The proxies' whole PATH: the chosen variant's tools for the served families, nothing else.
+    env = {"PATH": str(iptables_shim(workdir, args.backend, fams)), "LANG": "C.UTF-8"}
+    log = workdir / f"{proxy}-{args.backend}-{families}-n{n}-min{min_sync:g}-r{repeat}.log"
     log.unlink(missing_ok=True)
     details["log"] = str(log)
+    timeouts = {"cold_start": 0, "endpoint_change": 0, "new_service": 0}
     with NodeNetns(api_server, workdir) as netns:
-        rules = Rules(netns, args.backend)
+        rules = Rules(netns.name, args.backend, fams)
         argv = proxy_argv(
-            proxy, bin_dir=bin_dir, kubeconfig=kubeconfig, min_sync=min_sync, backend=args.backend
+            proxy,
+            bin_dir=bin_dir,
+            kubeconfig=kubeconfig,
+            min_sync=min_sync,
+            backend=args.backend,
+            families=fams,
+            verbosity=args.v,
+            sync_period=args.sync_period,
         )
-        details["command"] = " ".join([*netns.exec_prefix()[:3], "NODE", *argv])
-        p = ProxyProcess(netns, argv, log, env)
-        progress(f"{proxy} N={n} min-sync={min_sync:g}s: starting in {netns.name}")
+        details["command"] = " ".join(["ip", "netns", "exec", "NODE", *argv])
+        details["path"] = sorted(p.name for p in Path(env["PATH"]).iterdir())
+        p = ProxyProcess(netns.name, argv, log, env)
+        progress(
+            f"{proxy} N={n} {args.backend} {families} min-sync={min_sync:g}s run {repeat + 1}: "
+            f"starting in {netns.name}"
+        )
         try:
             t_start = p.start()
             # (a) cold start
@@ -212,28 +255,38 @@ def one_run(
                     progress(f"  cold start: {count}/{n} Services in KUBE-SERVICES so far")
                 return count >= n
 
-            seen = wait_rules(
+            timeline: list[tuple[float, object]] = []
+            seen = wait_complete(
                 rules,
                 complete,
                 timeout=args.cold_timeout,
-                interval=args.poll if rules.info is not None else args.cold_poll,
+                interval=args.poll,
+                settle=args.settle,
                 proxy=p,
+                timeline=timeline,
             )
-            cold = None if seen is None else seen - t_start
-            progress(f"  (a) cold start {'TIMEOUT' if cold is None else f'{cold:.2f} s'}")
+            # When each table fingerprint changed, from the process start: shows which write
+            # stopped the clock.
+            details["cold_start_timeline"] = [
+                [round(at - t_start, 3), token] for at, token in timeline
+            ]
+            if seen is None:
+                timeouts["cold_start"] += 1
+                cold = args.cold_timeout
+            else:
+                cold = seen - t_start
+            progress(f"  (a) cold start {'TIMEOUT' if seen is None else f'{cold:.2f} s'}")
             details["cold_start_s"] = cold
             t = time.monotonic()
-            details["nat_counts"] = rules.save_counts(log.with_suffix(".nat"))
+            details["rule_counts"] = rules.save_counts(log.with_suffix(".rules"))
             details["iptables_save_s"] = round(time.monotonic() - t, 3)
             progress(
-                f"  nat table: {details['nat_counts']} (save took {details['iptables_save_s']} s)"
+                f"  rules: {details['rule_counts']} (save took {details['iptables_save_s']} s)"
             )
 
-            # (b) endpoint changes
+            # (b) endpoint changes; the settle window of each is the pause before the next.
             latencies: list[float] = []
-            timeouts = 0
             for k, (index, add) in enumerate(change_plan(n, args.changes)):
-                time.sleep(args.gap)
                 spec = service_spec(index)
                 chain = service_chain(spec.port_name)
                 expected = ENDPOINTS_PER_SERVICE + (1 if add else 0)
@@ -244,16 +297,17 @@ def one_run(
                     api.slices(spec.namespace, f"{spec.name}-abcde"),
                     {"endpoints": body["endpoints"]},
                 )
-                seen = wait_rules(
+                seen = wait_complete(
                     rules,
                     lambda chain=chain, expected=expected: rules.sep_jumps(chain) == expected,
                     timeout=args.change_timeout,
                     interval=args.poll,
+                    settle=args.gap,
                     proxy=p,
                     since=before,
                 )
                 if seen is None:
-                    timeouts += 1
+                    timeouts["endpoint_change"] += 1
                     progress(f"  (b) change {k + 1}: TIMEOUT ({spec.name})")
                 else:
                     latencies.append(seen - t0)
@@ -263,29 +317,27 @@ def one_run(
                         f"{percentile(latencies, 50) or float('nan'):.3f} s"
                     )
             details["endpoint_change_samples_s"] = [round(x, 4) for x in latencies]
-            details["endpoint_change_timeouts"] = timeouts
 
             # (c) new Services
             new_lat: list[float] = []
-            new_timeouts = 0
             for k in range(args.new_services):
-                time.sleep(args.gap)
                 spec = service_spec(NEW_SERVICE_BASE + k, prefix="new")
                 chain = service_chain(spec.port_name)
                 before = rules.token()
                 t0 = time.monotonic()
                 api.create(api.services(spec.namespace), service_body(spec))
                 api.create(api.slices(spec.namespace), slice_body(spec))
-                seen = wait_rules(
+                seen = wait_complete(
                     rules,
                     lambda chain=chain: rules.sep_jumps(chain) == ENDPOINTS_PER_SERVICE,
                     timeout=args.change_timeout,
                     interval=args.poll,
+                    settle=args.gap,
                     proxy=p,
                     since=before,
                 )
                 if seen is None:
-                    new_timeouts += 1
+                    timeouts["new_service"] += 1
                     progress(f"  (c) new Service {k + 1}: TIMEOUT")
                 else:
                     new_lat.append(seen - t0)
@@ -294,7 +346,7 @@ def one_run(
                 f"{percentile(new_lat, 50) or float('nan'):.3f} s"
             )
             details["new_service_samples_s"] = [round(x, 4) for x in new_lat]
-            details["new_service_timeouts"] = new_timeouts
+            details["timeouts"] = timeouts
 
             # (d), (e)
             p.check_alive()
@@ -305,43 +357,38 @@ def one_run(
             rules.close()
             details["exit_code"] = code
         log_text = log.read_text(errors="replace")
+        bytes_full = bytes_partial = None
         if proxy == "pyproxy":
             full, partial = pyproxy_restore_bytes(log_text)
             details["restore_bytes_full_samples"] = full
             details["restore_bytes_partial_samples_count"] = len(partial)
-            details["syncs_full"], details["syncs_partial"] = len(full), len(partial)
             bytes_full, bytes_partial = median_int(full), median_int(partial)
-            if bytes_full is None:
-                value = metric_value(metrics, "pyproxy_sync_restore_bytes", kind="full")
-                bytes_full = None if value is None else int(value)
-            if bytes_partial is None:
-                value = metric_value(metrics, "pyproxy_sync_restore_bytes", kind="partial")
-                bytes_partial = None if value is None else int(value)
-        else:
-            bytes_full = bytes_partial = None
-            details["syncs_full"] = log_text.count(
-                '"Syncing iptables rules" ipFamily="IPv4" fullSync=true'
-            )
-            details["syncs_partial"] = log_text.count(
-                '"Syncing iptables rules" ipFamily="IPv4" fullSync=false'
-            )
-        for name in ("kubeproxy_sync_proxy_rules_iptables_total",):
-            details[name] = metric_value(metrics, name, table="nat")
+        for kind in ("full", "partial"):
+            name = f"kubeproxy_sync_{kind}_proxy_rules_duration_seconds_count"
+            details[f"syncs_{kind}"] = metric_value(metrics, name)
+        details["kubeproxy_sync_proxy_rules_iptables_total_nat"] = metric_value(
+            metrics, "kubeproxy_sync_proxy_rules_iptables_total", table="nat"
+        )
     details["wall_s"] = round(time.monotonic() - started_wall, 1)
+    changes = censored(latencies, timeouts["endpoint_change"], args.change_timeout)
+    news = censored(new_lat, timeouts["new_service"], args.change_timeout)
     record = run_record(
         proxy=proxy,
         mode="iptables",
+        backend=args.backend,
+        families=families,
         n_services=n,
         endpoints_per_service=ENDPOINTS_PER_SERVICE,
         min_sync_period_s=min_sync,
         cold_start_s=rounded(cold, 3),
-        endpoint_change_p50_s=rounded(percentile(latencies, 50)),
-        endpoint_change_p99_s=rounded(percentile(latencies, 99)),
-        new_service_p50_s=rounded(percentile(new_lat, 50)),
+        endpoint_change_p50_s=rounded(percentile(changes, 50)),
+        endpoint_change_p99_s=rounded(percentile(changes, 99)),
+        new_service_p50_s=rounded(percentile(news, 50)),
         cpu_s=round(cpu, 2),
         peak_rss_mib=round(rss, 1),
         restore_bytes_full=bytes_full,
         restore_bytes_partial=bytes_partial,
+        timeouts=timeouts,
     )
     progress(
         f"  done in {details['wall_s']} s: cpu {cpu:.1f} s, peak RSS {rss:.0f} MiB, "
@@ -353,7 +400,16 @@ def one_run(
 # --- output -------------------------------------------------------------------------------------
 
 
-def machine(backend: str) -> str:
+def _first_line(argv: Sequence[str]) -> str | None:
+    try:
+        out = run(argv, check=False).strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0] if out else None
+
+
+def machine_meta() -> dict[str, Any]:
+    """What the figures were taken on: machine, kernel, tool versions, pyproxy's commit."""
     cpu = "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -363,11 +419,30 @@ def machine(backend: str) -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    ipt = run([f"iptables-{backend}", "--version"], check=False).strip()
-    return (
-        f"{os.cpu_count()} cores ({cpu}), {mem:.1f} GiB, Linux {platform.release()}, "
-        f"{ipt}, Python {platform.python_version()}"
-    )
+    commit = _first_line(["git", "-C", str(REPO), "rev-parse", "HEAD"])
+    dirty = _first_line(["git", "-C", str(REPO), "status", "--porcelain", "--", "pyproxy"])
+    return {
+        "pyproxy_commit": None if commit is None else commit + ("-dirty" if dirty else ""),
+        "machine": f"{os.cpu_count()} cores ({cpu}), {mem:.1f} GiB, "
+        f"Python {platform.python_version()}",
+        "kernel": f"Linux {platform.release()} {platform.version()}",
+        "iptables_version": "; ".join(
+            v for v in (_first_line([f"iptables-{b}", "--version"]) for b in ("legacy", "nft")) if v
+        ),
+        "nft_version": _first_line(["nft", "--version"]),
+    }
+
+
+def previous_dataplane(out: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The data-plane section of the latest.json already there (bench.dataplane's), kept if it
+    was taken from the same pyproxy commit with the same label."""
+    try:
+        doc = json.loads((out / "latest.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if any(doc.get(k) != meta[k] for k in ("label", "pyproxy_commit")):
+        return []
+    return list(doc.get("dataplane") or [])
 
 
 def plot(runs: list[dict[str, Any]], path: Path, title: str = "") -> bool:
@@ -386,20 +461,29 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str = "") -> bool:
         ("new_service_p50_s", "(c) new Service p50"),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    series: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    series: dict[tuple[str, str, str, float], list[dict[str, Any]]] = {}
     for r in runs:
-        series.setdefault((r["proxy"], r["min_sync_period_s"]), []).append(r)
+        cell = (r["proxy"], r["backend"], r["families"], r["min_sync_period_s"])
+        series.setdefault(cell, []).append(r)
     for ax, (key, heading) in zip(axes, figures, strict=True):
-        for (proxy, min_sync), rs in sorted(series.items()):
-            points = sorted((r["n_services"], r[key]) for r in rs if r[key] is not None)
+        for (proxy, backend, families, min_sync), rs in sorted(series.items()):
+            points = sorted(
+                (r["n_services"], r[key], r["spread"][key]) for r in rs if r[key] is not None
+            )
             if not points:
                 continue
-            ax.plot(
-                [x for x, _ in points],
-                [y for _, y in points],
+            # The median, with the min-max over the cell's runs as the error bar.
+            ax.errorbar(
+                [x for x, _, _ in points],
+                [y for _, y, _ in points],
+                yerr=[
+                    [y - b[0] for _, y, b in points],
+                    [b[1] - y for _, y, b in points],
+                ],
                 marker="o",
+                capsize=3,
                 linestyle="-" if proxy == "pyproxy" else "--",
-                label=f"{proxy}, min sync {min_sync:g} s",
+                label=f"{proxy}, {backend}, {families}, min sync {min_sync:g} s",
             )
         ax.set_title(heading)
         ax.set_xlabel("Services (5 endpoints each)")
@@ -411,15 +495,13 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str = "") -> bool:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
 
-def write_results(
-    out: Path, stamp: str, doc: dict[str, Any], details: dict[str, Any], table: str
-) -> None:
+def write_results(out: Path, stamp: str, doc: dict[str, Any], details: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     problems = validate(doc)
     if problems:
@@ -430,9 +512,16 @@ def write_results(
     detail_text = json.dumps(details, indent=2) + "\n"
     (out / f"{stamp}-details.json").write_text(detail_text)
     (out / "latest-details.json").write_text(detail_text)
+    table = report(doc)
     (out / f"{stamp}.md").write_text(table)
     (out / "latest.md").write_text(table)
-    title = f"kube-proxy {doc['kubernetes_version']} vs pyproxy, iptables mode; {doc['machine']}"
+    title = "\n".join(
+        [
+            doc["label"],
+            f"kube-proxy {doc['kubernetes_version']} vs pyproxy {doc['pyproxy_commit'] or '?'}, "
+            f"iptables mode; {doc['machine']}; {doc['kernel']}",
+        ]
+    )
     if plot(doc["runs"], out / f"{stamp}.png", title):
         shutil.copyfile(out / f"{stamp}.png", out / "latest.png")
 
@@ -441,13 +530,20 @@ def write_results(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--sizes", default="1000,5000,10000", help="N values (Services)")
     p.add_argument("--min-sync", default="1,0", help="--iptables-min-sync-period values (s)")
+    p.add_argument(
+        "--families",
+        default="ipv4,dual-stack",
+        help="family variants, each run by both proxies: ipv4, dual-stack",
+    )
     p.add_argument("--proxies", default="kube-proxy,pyproxy")
+    p.add_argument("--runs", type=int, default=3, help="runs per cell (proxies interleaved)")
     p.add_argument("--changes", type=int, default=30, help="endpoint changes for (b)")
     p.add_argument("--new-services", type=int, default=10, help="new Services for (c)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--label", default="smoke run: not figures of record")
     p.add_argument(
         "--backend",
         choices=("nft", "legacy"),
@@ -455,9 +551,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="iptables variant both proxies write (and the benchmark reads); iptables-nft-restore"
         " 1.8.9 needs minutes per full sync from about 5,000 Services (default legacy)",
     )
-    p.add_argument("--gap", type=float, default=1.5, help="pause before each change (s)")
-    p.add_argument("--poll", type=float, default=0.01, help="pause between chain reads (s)")
-    p.add_argument("--cold-poll", type=float, default=0.2, help="pause between KUBE-SERVICES reads")
+    p.add_argument(
+        "--gap",
+        type=float,
+        default=1.5,
+        help="settle window after each change, which is also the pause before the next (s)",
+    )
+    p.add_argument("--settle", type=float, default=3.0, help="settle window after (a) (s)")
+    p.add_argument("--poll", type=float, default=0.01, help="pause between token reads (s)")
+    p.add_argument("--v", type=int, default=0, help="--v of both proxies")
+    p.add_argument("--sync-period", default="1h", help="--iptables-sync-period of both")
     p.add_argument("--cold-timeout", type=float, default=3600)
     p.add_argument("--change-timeout", type=float, default=600)
     p.add_argument("--workers", type=int, default=16, help="parallel API requests for creation")
@@ -465,15 +568,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.sizes = sorted(int(s) for s in args.sizes.split(","))
     args.min_sync = [float(s) for s in args.min_sync.split(",")]
+    args.families = [s.strip() for s in args.families.split(",")]
     args.proxies = [s.strip() for s in args.proxies.split(",")]
     for proxy in args.proxies:
         if proxy not in ("kube-proxy", "pyproxy"):
             p.error(f"unknown proxy {proxy}")
+    for families in args.families:
+        if families not in FAMILIES:
+            p.error(f"unknown family variant {families} ({', '.join(FAMILIES)})")
     if args.sizes[-1] > NEW_SERVICE_BASE:
         p.error(f"at most {NEW_SERVICE_BASE} Services")
     if args.changes % 2:
         p.error("--changes must be even (each add is followed by its remove)")
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
     return args
+
+
+def interleaved(proxies: Sequence[str], repeat: int) -> list[str]:
+    """The proxies in their order for even repeats, reversed for odd ones, so neither always
+    runs first (right after the objects were created, or right after the other's run)."""
+    return list(proxies) if repeat % 2 == 0 else list(reversed(proxies))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -483,29 +598,37 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if os.geteuid() != 0:
-        print("hack/bench.py needs root (network namespaces)", file=sys.stderr)
+        print("bench.run needs root (network namespaces)", file=sys.stderr)
         return 2
-    from controlplane import ControlPlane, find_bin_dir  # tests/integration
+    from tests.netlab.controlplane import ControlPlane, find_bin_dir
 
     bin_dir = find_bin_dir()
     version = run([str(bin_dir / "kube-proxy"), "--version"]).strip().replace("Kubernetes ", "")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     workdir = Path(tempfile.mkdtemp(prefix="pyproxy-bench-"))
     progress(f"work directory {workdir}; kube-proxy {version}; backend {args.backend}")
+    meta = machine_meta() | {
+        "label": args.label,
+        "kubernetes_version": version,
+        "runs_per_cell": args.runs,
+    }
+    dataplane = previous_dataplane(args.out, meta)
     runs: list[dict[str, Any]] = []
     details: dict[str, Any] = {
         "stamp": stamp,
         "argv": sys.argv,
+        "meta": meta,
         "backend": args.backend,
         "gap_s": args.gap,
+        "settle_s": args.settle,
         "creation": [],
         "runs": [],
     }
-    mach = machine(args.backend)
     cp = ControlPlane(workdir / "control-plane", bin_dir)
     t = time.monotonic()
     cp.start()
     progress(f"control plane up at {cp.server} in {time.monotonic() - t:.1f} s")
+    table = ""
     try:
         api = Api(cp.kubeconfig_admin, cp.workdir / "ca.crt")
         for ns in NAMESPACES:
@@ -533,42 +656,50 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             have = n
-            for min_sync in args.min_sync:
-                for proxy in args.proxies:
-                    try:
-                        record, d = one_run(
-                            proxy=proxy,
-                            n=n,
-                            min_sync=min_sync,
-                            args=args,
-                            api=api,
-                            api_server=cp.server,
-                            bin_dir=bin_dir,
-                            kubeconfig=cp.kubeconfig_proxy,
-                            workdir=workdir,
-                        )
-                    except (BenchError, OSError, subprocess.SubprocessError) as err:
-                        progress(f"  {proxy} N={n} min-sync={min_sync:g}s FAILED: {err}")
-                        record = run_record(
-                            proxy=proxy,
-                            mode="iptables",
-                            n_services=n,
-                            endpoints_per_service=ENDPOINTS_PER_SERVICE,
-                            min_sync_period_s=min_sync,
-                        )
-                        d = {
-                            "proxy": proxy,
-                            "n_services": n,
-                            "min_sync_period_s": min_sync,
-                            "error": str(err),
-                        }
-                    restore_objects(api, n, args.changes, args.new_services)
-                    runs.append(record)
-                    details["runs"].append(d)
-                    doc = document(version, mach, runs)
-                    table = markdown_table(doc["runs"])
-                    write_results(args.out, stamp, doc, details, table)
-        sys.stdout.write(table if runs else "no runs\n")
+            for families in args.families:
+                for min_sync in args.min_sync:
+                    for repeat in range(args.runs):
+                        for proxy in interleaved(args.proxies, repeat):
+                            try:
+                                record, d = one_run(
+                                    proxy=proxy,
+                                    n=n,
+                                    min_sync=min_sync,
+                                    families=families,
+                                    repeat=repeat,
+                                    args=args,
+                                    api=api,
+                                    api_server=cp.server,
+                                    bin_dir=bin_dir,
+                                    kubeconfig=cp.kubeconfig_proxy,
+                                    workdir=workdir,
+                                )
+                            except (BenchError, OSError, subprocess.SubprocessError) as err:
+                                progress(f"  {proxy} N={n} min-sync={min_sync:g}s FAILED: {err}")
+                                record = run_record(
+                                    proxy=proxy,
+                                    mode="iptables",
+                                    backend=args.backend,
+                                    families=families,
+                                    n_services=n,
+                                    endpoints_per_service=ENDPOINTS_PER_SERVICE,
+                                    min_sync_period_s=min_sync,
+                                )
+                                d = {
+                                    "proxy": proxy,
+                                    "families": families,
+                                    "n_services": n,
+                                    "min_sync_period_s": min_sync,
+                                    "repeat": repeat,
+                                    "error": str(err),
+                                }
+                            restore_objects(api, n, args.changes, args.new_services)
+                            runs.append(record)
+                            details["runs"].append(d | {"record": record})
+                            doc = document(meta, runs, dataplane)
+                            table = markdown_table(doc["runs"])
+                            write_results(args.out, stamp, doc, details)
+        sys.stdout.write(table or "no runs\n")
         progress(
             f"results in {args.out}/latest.json (and {stamp}.*); "
             f"total {time.monotonic() - T0:.0f} s"

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """How long pyproxy takes to turn a big list response into its model, and what the GC costs.
 
-    .venv/bin/python hack/bench_decode.py [--services 10000] [--slices 10000] [--endpoints 5]
+    .venv/bin/python -m bench.decode [--services 10000] [--slices 10000] [--endpoints 5]
                                           [--repeat 5] [--json FILE]
 
 The input is what a list of 10,000 Services or EndpointSlices looks like on the wire: JSON bytes
@@ -37,8 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pyproxy.convert import endpoint_slice_from_api, service_from_api
 from pyproxy.sources.watch import gc_paused
