@@ -55,7 +55,6 @@ PAUSE_TAGS=(3.10.1 3.10)
 AGNHOST_TAG=2.56
 NODE_IMAGE="pyproxy-kind/node:$K8S_VERSION"
 BASE_IMAGE="pyproxy-kind/base:$KIND_VERSION"
-TOOLS_IMAGE="pyproxy-kind/tools:bookworm-$TOOLS_KEY"
 PYTHON_IMAGE="pyproxy-kind/python:3.11-offline"
 PODNET_IMAGE="pyproxy-kind/podnet:v1"
 
@@ -69,6 +68,7 @@ TOOLS_PACKAGES=python3,python3-pip,iptables,ipset,conntrack,iproute2,ipvsadm,kmo
 # Cache keys: a changed package list makes a new root filesystem and images.
 TOOLS_KEY=$(printf '%s' "$TOOLS_PACKAGES" | sha256sum | cut -c1-8)
 KINDBASE_KEY=$(printf '%s' "$KINDBASE_PACKAGES" | sha256sum | cut -c1-8)
+TOOLS_IMAGE="pyproxy-kind/tools:bookworm-$TOOLS_KEY"
 DEBIAN_PACKAGES=(docker.io containerd runc containernetworking-plugins debootstrap gcc libc6-dev iproute2)
 
 # step NAME CMD...: run a build step with a progress line and its duration.
