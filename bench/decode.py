@@ -16,7 +16,7 @@ under three garbage-collector settings:
 
     gc on       CPython's default thresholds; the previous round's objects are still alive, as a
                 controller holds its old state while a relist arrives
-    gc off      gc.disable() around decode + convert (what pyproxy.sources.watch.gc_paused does)
+    gc off      gc.disable() around decode + convert (what pyproxy.gcpause.gc_paused does)
     gc frozen   gc.freeze() of the heap first (what a controller can do after its first sync), then
                 decode + convert with the GC on
 
@@ -38,7 +38,7 @@ from typing import Any
 import orjson
 
 from pyproxy.convert import endpoint_slice_from_api, service_from_api
-from pyproxy.sources.watch import gc_paused
+from pyproxy.gcpause import gc_paused
 
 MANAGER_TIME = "2026-01-15T10:00:00Z"
 

@@ -7,7 +7,8 @@
 # 2. hack/build-control-plane.sh: kube-apiserver, kube-controller-manager, kube-proxy and etcd,
 #    built once per machine from the Go module proxy, cached outside the repo.
 # 3. hack/vm.sh setup: the Debian kernel with ip_vs, qemu and virtme-ng for the IPVS tests.
-# 4. Static checks: ruff, mypy (strict), import-linter (the pure core imports no shell), shellcheck.
+# 4. Static checks: ruff (lint and format), mypy (strict), import-linter (pure core, layers,
+#    independent modes, no cycles), shellcheck.
 # 5. pytest: unit, kernel (root, real iptables in network namespaces), integration (real
 #    apiserver + etcd), then the vm tier inside the VM. Nothing is skipped: a missing
 #    prerequisite is a failure.
@@ -40,6 +41,7 @@ hack/vm.sh setup
 
 log "== static checks"
 "$VENV/bin/ruff" check pyproxy tests hack bench
+"$VENV/bin/ruff" format --check pyproxy tests hack bench
 "$VENV/bin/python" -m mypy
 "$VENV/bin/lint-imports"
 shellcheck -x hack/*.sh .ci/run

@@ -10,7 +10,6 @@ Exit codes: 0 success, 1 runtime failure (unreadable state, kernel error), 2 bad
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import sys
 import threading
@@ -18,14 +17,18 @@ from collections.abc import Sequence
 
 import structlog
 
-from pyproxy import log, nftleftovers, sysctl
+from pyproxy import log, nftleftovers
 from pyproxy.errors import ConfigError, KernelError, PyproxyError, StateFileError
-from pyproxy.iptables.kernelview import KernelView, cleanup_document
+from pyproxy.hostnet import host_addresses
 from pyproxy.iptables.proxier import IptablesProxier
-from pyproxy.iptables.render import jump_rules, render_ruleset
+from pyproxy.iptables.proxier import cleanup_leftovers as iptables_cleanup
+from pyproxy.iptables.render import render_ruleset
 from pyproxy.iptables.restore import Iptables, detect_backend
+from pyproxy.iptables.vocabulary import jump_rules
 from pyproxy.model import ClusterState, IPFamily
-from pyproxy.options import ProxyOptions, parse_options, proxier_configs, with_interface_ips
+from pyproxy.nodeconfig import node_configs, prepare_host
+from pyproxy.options import ProxyOptions, parse_options
+from pyproxy.proxier import LeftoverCleanup, Proxier, ProxierFactory
 from pyproxy.proxystate import ProxierConfig, desired_state
 
 logger = structlog.get_logger("pyproxy")
@@ -49,13 +52,7 @@ def _load_state(options: ProxyOptions) -> ClusterState:
 
 
 def _configs(options: ProxyOptions, cluster: ClusterState) -> tuple[ProxierConfig, ...]:
-    node = cluster.nodes.get(options.node_name)
-    host_ips: tuple[object, ...] = ()
-    if not options.node_ips and (node is None or not node.addresses):
-        from pyproxy.hostnet import host_addresses
-
-        host_ips = host_addresses()
-    return proxier_configs(options, node, host_ips)  # type: ignore[arg-type]
+    return node_configs(options, cluster.nodes.get(options.node_name), host_addresses)
 
 
 def dry_run(options: ProxyOptions, cluster: ClusterState) -> str:
@@ -80,49 +77,32 @@ def dry_run(options: ProxyOptions, cluster: ClusterState) -> str:
     return "".join(out)
 
 
-def prepare_kernel(config: ProxierConfig) -> ProxierConfig:
-    """Set the sysctls the rules need; returns the config adjusted to what the host has."""
-    if config.localhost_nodeports and sysctl.ensure("net.ipv4.conf.all.route_localnet", "1"):
-        logger.info("set route_localnet=1 for localhost NodePorts (--iptables-localhost-nodeports)")
-    return dataclasses.replace(config, conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal())
+def proxier_factory(options: ProxyOptions, backend: str) -> ProxierFactory:
+    """How this run builds a family's proxier: the mode, iptables variant and mode flags."""
+    if options.proxy_mode == "ipvs":
+        from pyproxy.ipvs.kernel import IpvsTimeouts
+        from pyproxy.ipvs.proxier import IpvsProxier
 
-
-def _sync_configs(options: ProxyOptions, cluster: ClusterState) -> tuple[ProxierConfig, ...]:
-    """The configs of a real sync: as a dry run's, plus the host's interface addresses that
-    `--nodeport-addresses` CIDRs select (a dry run describes the node from its flags alone)."""
-    configs = _configs(options, cluster)
-    if options.nodeport_addresses and options.nodeport_addresses != ("primary",):
-        from pyproxy.hostnet import host_addresses
-
-        configs = with_interface_ips(configs, host_addresses())
-    return configs
-
-
-def sync_once_ipvs(options: ProxyOptions, cluster: ClusterState, backend: str) -> None:
-    from pyproxy.ipvs.proxier import IpvsProxier
-
-    # No prepare_kernel: ipvs mode has no localhost NodePorts and no INVALID rule; the
-    # proxier sets its own sysctls (net.ipv4.vs.*, ip_forward) on its first sync.
-    for config in _sync_configs(options, cluster):
-        proxier = IpvsProxier(
-            config, Iptables(config.family, backend), scheduler=options.ipvs_scheduler
+        timeouts = IpvsTimeouts.from_seconds(
+            options.ipvs_tcp_timeout, options.ipvs_tcpfin_timeout, options.ipvs_udp_timeout
         )
-        result = proxier.sync(desired_state(cluster, config))
-        logger.info(
-            "synced",
-            ip_family=config.family.value,
-            proxy_mode="ipvs",
-            backend=backend,
-            full=result.full,
-            services=result.services_written,
-            virtual_servers=result.virtual_servers,
-            real_servers=result.real_servers,
-            operations=result.operations,
-            draining=result.draining,
-            filter_rules=result.filter_rules,
-            nat_rules=result.nat_rules,
-            restore_bytes=result.restore_bytes,
-        )
+
+        def new_ipvs(config: ProxierConfig) -> Proxier:
+            return IpvsProxier(
+                config,
+                Iptables(config.family, backend),
+                scheduler=options.ipvs_scheduler,
+                exclude_cidrs=options.ipvs_exclude_cidrs,
+                strict_arp=options.ipvs_strict_arp,
+                timeouts=timeouts,
+            )
+
+        return new_ipvs
+
+    def new_iptables(config: ProxierConfig) -> Proxier:
+        return IptablesProxier(config, Iptables(config.family, backend))
+
+    return new_iptables
 
 
 def sync_once_nftables(options: ProxyOptions, cluster: ClusterState) -> None:
@@ -130,7 +110,7 @@ def sync_once_nftables(options: ProxyOptions, cluster: ClusterState) -> None:
 
     from pyproxy.nftables.proxier import STALE_CHAIN_DELAY, NftablesProxier
 
-    # No prepare_kernel: nftables mode has no localhost NodePorts and no INVALID rule.
+    # No route_localnet: nftables mode has no localhost NodePorts and no INVALID rule.
     for config in _configs(options, cluster):
         proxier = NftablesProxier(config, service_cidrs=cluster.all_service_cidrs())
         result = proxier.sync(desired_state(cluster, config), full=True)
@@ -159,26 +139,24 @@ def sync_once(options: ProxyOptions, cluster: ClusterState) -> None:
     if options.proxy_mode == "nftables":
         sync_once_nftables(options, cluster)
         return
-    # As kube-proxy's platformCleanup, iptables and IPVS modes remove nftables mode's tables;
-    # but after their own rules are in (upstream: before), so no moment is without rules.
     backend = detect_backend(options.iptables_backend)
-    if options.proxy_mode == "ipvs":
-        sync_once_ipvs(options, cluster, backend)
-        cleanup_nftables()
-        return
-    for config in map(prepare_kernel, _sync_configs(options, cluster)):
-        proxier = IptablesProxier(config, Iptables(config.family, backend))
-        result = proxier.sync(desired_state(cluster, config))
+    new_proxier = proxier_factory(options, backend)
+    for config in prepare_host(_configs(options, cluster), options.proxy_mode):
+        result = new_proxier(config).sync(desired_state(cluster, config))
         logger.info(
             "synced",
             ip_family=config.family.value,
+            proxy_mode=options.proxy_mode,
             backend=backend,
             full=result.full,
             services=result.services_written,
+            **result.details,
             filter_rules=result.filter_rules,
             nat_rules=result.nat_rules,
             restore_bytes=result.restore_bytes,
         )
+    # As kube-proxy's platformCleanup, iptables and IPVS modes remove nftables mode's tables;
+    # but after their own rules are in (upstream: before), so no moment is without rules.
     cleanup_nftables()
 
 
@@ -196,7 +174,7 @@ def cleanup_nftables() -> None:
 
 
 def cleanup(options: ProxyOptions) -> None:
-    # Every mode's leftovers, whatever --proxy-mode says (as kube-proxy's --cleanup).
+    """Every mode's leftovers, whatever --proxy-mode says (as kube-proxy's --cleanup)."""
     cleanup_nftables()
     cleanup_iptables_modes(options)
 
@@ -204,35 +182,18 @@ def cleanup(options: ProxyOptions) -> None:
 def cleanup_iptables_modes(options: ProxyOptions) -> None:
     """iptables and IPVS modes' leftovers (rules, chains, virtual servers, ipsets, dummy)."""
     backend = detect_backend(options.iptables_backend)
-    for family in IPFamily:
-        iptables = Iptables(family, backend)
-        # Every hook pyproxy may have installed, whatever flags it ran with.
-        hooks = jump_rules(ProxierConfig(family=family, node_name="", localhost_nodeports=True))
-        document = cleanup_document(
-            KernelView.from_save(iptables.save(("filter", "nat", "mangle"))), hooks
-        )
-        if document:
-            iptables.restore(document)
-        logger.info("cleaned up", ip_family=family.value, backend=backend, changed=bool(document))
-    # IPVS mode's leftovers too, whatever --proxy-mode says (as kube-proxy's --cleanup).
-    from pyproxy.ipvs.proxier import cleanup as cleanup_ipvs
+    from pyproxy.ipvs.proxier import cleanup_leftovers as ipvs_cleanup
 
-    result = cleanup_ipvs([Iptables(family, backend) for family in IPFamily])
-    logger.info(
-        "cleaned up ipvs mode",
-        iptables_changed=[f.value for f in result.iptables_changed],
-        virtual_servers_deleted=result.virtual_servers_deleted,
-        ipsets_destroyed=len(result.ipsets_destroyed),
-        dummy_deleted=result.dummy_deleted,
-        ipvs_available=result.ipvs_available,
-    )
+    cleanups: tuple[LeftoverCleanup, ...] = (iptables_cleanup, ipvs_cleanup)
+    for cleanup_mode in cleanups:
+        cleanup_mode(backend)
 
 
 def run_controller(options: ProxyOptions) -> int:
     """The node agent: until SIGTERM/SIGINT, then exit 0 leaving the rules in place."""
     from pyproxy.conntrack import ConntrackCleaner
     from pyproxy.controller import Controller
-    from pyproxy.hostnet import host_addresses
+    from pyproxy.nfacct import open_nfacct
     from pyproxy.sources.kube import KubeSource
 
     stop = threading.Event()
@@ -246,11 +207,13 @@ def run_controller(options: ProxyOptions) -> int:
     backend = detect_backend(options.iptables_backend)
     controller = Controller(
         options,
-        backend=backend,
+        proxier_factory=proxier_factory(options, backend),
         source_factory=lambda c: KubeSource(options.kubeconfig, options.node_name, c),
         host_addresses=host_addresses,
+        prepare_host=lambda configs: prepare_host(configs, options.proxy_mode),
         conntrack=ConntrackCleaner,
         nftables_leftovers=nftleftovers.remove_after_sync,
+        nfacct=open_nfacct() if options.proxy_mode == "iptables" else None,
     )
     logger.info(
         "starting",
@@ -273,8 +236,8 @@ def run(options: ProxyOptions) -> int:
         if options.dry_run or options.once:
             raise ConfigError("--dry-run and --once need --state FILE")
         if options.proxy_mode == "nftables":
-            # The agent is being reshaped around a Proxier contract; NftablesProxier has that
-            # shape but is not wired in yet, and must not fall back to iptables silently.
+            # NftablesProxier has the Proxier shape but is not wired into the agent yet, and
+            # must not fall back to iptables silently.
             raise ConfigError(
                 "--proxy-mode nftables runs with --state FILE (--dry-run, --once) for now"
             )
@@ -291,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in ("explain", "trace"):
         # Operator tools: `pyproxy explain SERVICE ...`, `pyproxy trace --src ... --dst ...`.
-        from pyproxy import explain_cli
+        from pyproxy.explain import cli as explain_cli
 
         return (explain_cli.main if args[0] == "explain" else explain_cli.trace_main)(args[1:])
     try:

@@ -5,7 +5,8 @@
 family's UDP flows, and deletes those the plan calls stale. It works in the network namespace
 of the calling thread (sockets are opened per call), i.e. the node's when pyproxy runs there.
 
-Two implementations of the `ConntrackTable` interface talk to the kernel, plus a fake:
+Two implementations of the `ConntrackTable` interface talk to the kernel (a fake for unit tests
+lives with the other test fakes, tests/fakes.py):
 
 - `NetlinkConntrack` (the default): ctnetlink over a plain `AF_NETLINK` socket. The dump asks
   the kernel for UDP flows only (CTA_FILTER, Linux >= 5.8; older kernels should ignore the
@@ -14,7 +15,6 @@ Two implementations of the `ConntrackTable` interface talk to the kernel, plus a
   are read afterwards.
 - `Pyroute2Conntrack`: the same through pyroute2 0.9's NFCTSocket/Conntrack. Correct, but it
   decodes every attribute into objects and runs its asyncio loop once per message.
-- `FakeConntrack`: an in-memory table for unit tests.
 
 Measured on the project VM (2 vCPUs, shared, load 4-6), 10,000 UDP flows, 2,500 of them stale:
 
@@ -40,8 +40,8 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -49,7 +49,7 @@ import structlog
 from pyproxy.conntrack_plan import (
     IPPROTO_UDP,
     Flow,
-    ServiceStates,
+    ServicePorts,
     allowed_endpoints,
     stale_flows,
 )
@@ -116,7 +116,7 @@ class ConntrackCleaner:
         self.family = family
         self.table: ConntrackTable = table if table is not None else NetlinkConntrack(family)
 
-    def clean(self, *, previous: ServiceStates = (), current: ServiceStates) -> CleanupResult:
+    def clean(self, *, previous: ServicePorts = (), current: ServicePorts) -> CleanupResult:
         """Delete the UDP flows that do not go to a serving endpoint of their frontend.
 
         Raises KernelError when the table cannot be read or a deletion fails for another reason
@@ -531,56 +531,3 @@ class Pyroute2Conntrack:
         except (NetlinkError, OSError) as err:
             raise KernelError(f"conntrack delete failed after {deleted} deletions: {err}") from err
         return deleted
-
-
-# ---- fake ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class FakeConntrack:
-    """An in-memory conntrack table for unit tests; records what was deleted."""
-
-    family: IPFamily
-    flows: list[Flow] = field(default_factory=list)
-    deleted: list[Flow] = field(default_factory=list)
-    dumps: int = 0
-    #: Raised by the next udp_flows()/delete() call, to test error paths.
-    fail_with: KernelError | None = None
-
-    def add(self, flows: Iterable[Flow]) -> None:
-        self.flows.extend(flows)
-
-    def _maybe_fail(self) -> None:
-        if self.fail_with is not None:
-            err, self.fail_with = self.fail_with, None
-            raise err
-
-    def udp_flows(self) -> FlowDump:
-        self._maybe_fail()
-        self.dumps += 1
-        return FlowDump([flow for flow in self.flows if flow.proto == IPPROTO_UDP])
-
-    def delete(self, flows: Sequence[Flow]) -> int:
-        """Like the kernel: by original tuple and zone; a missing flow is not counted."""
-        self._maybe_fail()
-        count = 0
-        for flow in flows:
-            key = _orig_key(flow)
-            for present in self.flows:
-                if _orig_key(present) == key:
-                    self.flows.remove(present)
-                    self.deleted.append(present)
-                    count += 1
-                    break
-        return count
-
-
-def _orig_key(flow: Flow) -> tuple[object, ...]:
-    return (
-        flow.proto,
-        flow.orig_src,
-        flow.orig_src_port,
-        flow.orig_dst,
-        flow.orig_dst_port,
-        flow.zone,
-    )

@@ -43,8 +43,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TypeAlias, TypeVar
 
-from pyproxy.model import IPAddress, NamespacedName, Protocol, format_endpoint
-from pyproxy.proxystate import ServicePortState
+from pyproxy.model import IPAddress, Protocol, format_endpoint
+from pyproxy.proxystate import ServicePortState, ServiceStates
 from pyproxy.serviceport import ServicePortInfo
 
 _Key = TypeVar("_Key")
@@ -56,10 +56,8 @@ IPPROTO_UDP = 17
 #: An address and port: a frontend (`10.96.0.10`, 53) or an endpoint (`10.244.1.11`, 5353).
 HostPort: TypeAlias = tuple[IPAddress, int]
 
-#: A family's service ports: flat, or per Service as `proxystate.desired_state` returns them.
-ServiceStates: TypeAlias = (
-    Mapping[NamespacedName, Iterable[ServicePortState]] | Iterable[ServicePortState]
-)
+#: A family's service ports: per Service (proxystate's ServiceStates), or flat.
+ServicePorts: TypeAlias = ServiceStates | Iterable[ServicePortState]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,14 +135,14 @@ def _frontends(info: ServicePortInfo) -> tuple[list[HostPort], int]:
     return [(ip, info.port) for ip in ips], info.node_port
 
 
-def service_ports(states: ServiceStates) -> Iterator[ServicePortState]:
+def service_ports(states: ServicePorts) -> Iterator[ServicePortState]:
     """Every ServicePortState of `states`, whichever of the two shapes it has."""
     if isinstance(states, Mapping):
         return itertools.chain.from_iterable(states.values())
     return iter(states)
 
 
-def allowed_endpoints(current: ServiceStates, *, previous: ServiceStates = ()) -> AllowedEndpoints:
+def allowed_endpoints(current: ServicePorts, *, previous: ServicePorts = ()) -> AllowedEndpoints:
     """The allowed map after a sync, from the family's service ports before and after it.
 
     `current` decides: every UDP frontend maps to the `ip:port` of its serving endpoints.

@@ -2,14 +2,27 @@
 
     KubeSource (3 watch threads) ──events──▶ ChangeTracker ──request()──▶ BoundedFrequencyRunner
                                                                               │ sync(periodic)
-    per IP family: desired state (only changed Services recomputed) ──▶ IptablesProxier.sync
+    per IP family: desired state (only changed Services recomputed) ──▶ Proxier.sync
                    ──▶ conntrack cleanup (UDP) ──▶ health.updated, metrics, HC node ports
+
+The controller knows no proxy mode: it is handed a `ProxierFactory` (pyproxy.proxier) and
+builds one proxier per IP family from the node configuration (nodeconfig.node_configs, then the
+injected host preparation), again whenever the Node's addresses or zone change.
 
 Rules of the road, as upstream's proxier:
 - nothing is written before the first complete lists of Services, EndpointSlices and the Node;
 - event handlers only record; all work happens in `sync`, on the runner's thread;
-- a failed sync puts its changes back, makes the next sync a full one, and is retried;
-- a canary chain flushed by someone else triggers a full sync;
+- a failed sync puts its changes back, makes the next sync a full one, and is retried after
+  --iptables-sync-period (upstream's retry interval), or sooner if a change arrives;
+- two syncs are --iptables-min-sync-period apart, from the end of one to the start of the next;
+- the periodic sync: in iptables mode the hourly full sync (upstream's FullSyncPeriod), in ipvs
+  mode every --iptables-sync-period (upstream's ipvs proxier has the sync period as its maximum
+  interval);
+- every --iptables-sync-period the canary chain is checked (upstream's iptables Monitor polls
+  at that interval); one flushed by someone else triggers a full sync. Upstream's Monitor calls
+  the sync itself; here the full sync goes through the runner, so syncs stay one at a time on
+  one thread and keep the min sync period. (Upstream's ipvs mode has no canary monitor; the
+  check is kept there, where it costs one iptables-save of the mangle table per period.)
 - stopping leaves every rule in place, so traffic keeps flowing across restarts.
 """
 
@@ -23,25 +36,32 @@ from typing import Protocol
 
 import structlog
 
-from pyproxy import sysctl
 from pyproxy.changes import Changes, ChangeTracker
 from pyproxy.conntrack import CleanupResult
 from pyproxy.conntrack_plan import cleanup_needed
 from pyproxy.errors import PyproxyError, RestoreError
+from pyproxy.gcpause import gc_paused
 from pyproxy.healthcheck import HealthzServer, ProxyHealth, ServiceHealthServer
-from pyproxy.iptables.proxier import FULL_SYNC_PERIOD, IptablesProxier, SyncResult
-from pyproxy.iptables.restore import Iptables, canary_exists
-from pyproxy.ipvs.proxier import IpvsProxier, IpvsSyncResult
 from pyproxy.metrics import Metrics, MetricsServer
-from pyproxy.model import IPAddress, IPFamily, NamespacedName
-from pyproxy.options import ProxyOptions, proxier_configs, with_interface_ips
-from pyproxy.proxystate import LazyStates, ProxierConfig, ServicePortState, service_state
+from pyproxy.model import IPFamily, NamespacedName
+from pyproxy.nfacct import NfacctClient, ensure_counters
+from pyproxy.nodeconfig import HostAddresses, node_configs
+from pyproxy.options import ProxyOptions
+from pyproxy.proxier import FULL_SYNC_PERIOD, Proxier, ProxierFactory, SyncResult
+from pyproxy.proxystate import (
+    NFACCT_COUNTERS,
+    LazyStates,
+    ProxierConfig,
+    ServicePortState,
+    ServiceStates,
+    service_state,
+)
 from pyproxy.runner import BoundedFrequencyRunner
-from pyproxy.sources.watch import gc_paused
 
 logger = structlog.get_logger("pyproxy")
 
-ServiceStates = dict[NamespacedName, tuple[ServicePortState, ...]]
+#: The host preparation step (nodeconfig.prepare_host with the mode bound, or a fake).
+PrepareHost = Callable[[tuple[ProxierConfig, ...]], tuple[ProxierConfig, ...]]
 
 
 class Source(Protocol):
@@ -62,9 +82,10 @@ class ConntrackCleaner(Protocol):
 @dataclass
 class FamilyProxier:
     config: ProxierConfig
-    proxier: IptablesProxier | IpvsProxier
+    proxier: Proxier
     conntrack: ConntrackCleaner | None = None
-    states: ServiceStates = field(default_factory=dict)
+    #: The family's current desired state (a ServiceStates the sync keeps up to date).
+    states: dict[NamespacedName, tuple[ServicePortState, ...]] = field(default_factory=dict)
     #: A conntrack cleanup failed: retry it after the next sync.
     conntrack_pending: bool = False
     #: kube-proxy's nftables-mode table of this family has been looked for and is gone.
@@ -76,25 +97,32 @@ class Controller:
         self,
         options: ProxyOptions,
         *,
-        backend: str,
+        proxier_factory: ProxierFactory,
         source_factory: Callable[[Controller], Source],
-        host_addresses: Callable[[], tuple[IPAddress, ...]],
+        host_addresses: HostAddresses,
+        prepare_host: PrepareHost,
         conntrack: Callable[[IPFamily], ConntrackCleaner] | None = None,
         nftables_leftovers: Callable[[IPFamily], bool] | None = None,
+        nfacct: NfacctClient | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.options = options
-        self.backend = backend
         self.tracker = ChangeTracker(options.node_name)
         self._lock = threading.Lock()
+        self._new_proxier = proxier_factory
+        self._prepare_host = prepare_host
         self._host_addresses = host_addresses
         self._conntrack = conntrack
-        #: After a family's first full iptables sync: remove kube-proxy's nftables-mode table
+        #: After a family's first full sync: remove kube-proxy's nftables-mode table
         #: (nftleftovers.remove_after_sync; True once done).
         self._nftables_leftovers = nftables_leftovers
         self._clock = clock
         self.families: dict[IPFamily, FamilyProxier] = {}
-        self.metrics = Metrics(options.proxy_mode)
+        # nfacct counters exist only for iptables mode's rules and metrics (as upstream).
+        self._nfacct = nfacct if options.proxy_mode == "iptables" else None
+        #: The counters ensured at the first sync (upstream's nfAcctCounters), then fixed.
+        self._nfacct_counters: frozenset[str] | None = None
+        self.metrics = Metrics(options.proxy_mode, nfacct=self._nfacct)
         self.health = ProxyHealth(2 * options.sync_period)
         self.healthz_server = HealthzServer(
             self.health, options.healthz_bind_address, metrics=self.metrics
@@ -106,14 +134,15 @@ class Controller:
         self.runner = BoundedFrequencyRunner(
             self.sync,
             min_interval=options.min_sync_period,
-            # As upstream (1.34): in iptables mode the runner's periodic run is the hourly full
-            # sync (proxyutil.FullSyncPeriod); --iptables-sync-period only paces the canary
-            # check. A full sync every 30 s costs 13 s of CPU at 10,000 Services (legacy) and
-            # minutes with iptables-nft-restore. IPVS mode syncs every sync period, as upstream.
-            max_interval=FULL_SYNC_PERIOD
-            if options.proxy_mode == "iptables"
-            else options.sync_period,
-            retry_interval=max(1.0, min(options.min_sync_period, 5.0)),
+            # As upstream (1.34): in iptables (and nftables) mode the runner's periodic run is
+            # the hourly full sync (proxyutil.FullSyncPeriod); --iptables-sync-period paces the
+            # canary check and the retries. A full sync every 30 s costs 13 s of CPU at 10,000
+            # Services (legacy) and minutes with iptables-nft-restore. IPVS mode syncs every
+            # sync period, as upstream.
+            max_interval=options.sync_period if options.proxy_mode == "ipvs" else FULL_SYNC_PERIOD,
+            # Upstream's proxiers all pass the sync period as the runner's retry interval.
+            retry_interval=options.sync_period,
+            clock=clock,
         )
         self.source = source_factory(self)
         self._stop = threading.Event()
@@ -182,41 +211,51 @@ class Controller:
             self.service_health.stop()
 
     def _watch_canary(self) -> None:
-        interval = max(1.0, min(self.options.sync_period, 5.0))
+        # Upstream's Monitor polls every sync period; a period of 0 (which upstream rejects)
+        # must not turn this into a busy loop.
+        interval = max(1.0, self.options.sync_period)
         while not self._stop.wait(interval):
-            for family, fp in list(self.families.items()):
-                try:
-                    present = canary_exists(fp.proxier.iptables)
-                except PyproxyError as err:
-                    logger.warning("canary check failed", ip_family=family.value, error=str(err))
-                    continue
-                if not present and not fp.proxier.need_full_sync:
-                    logger.warning(
-                        "canary chain gone: iptables flushed? forcing a full sync",
-                        ip_family=family.value,
-                    )
-                    fp.proxier.need_full_sync = True
-                    self.runner.request()
+            self.check_canary()
+
+    def check_canary(self) -> None:
+        """Force a full sync of every family whose rules someone flushed."""
+        for family, fp in list(self.families.items()):
+            try:
+                present = fp.proxier.canary_present()
+            except PyproxyError as err:
+                logger.warning("canary check failed", ip_family=family.value, error=str(err))
+                continue
+            if not present and not fp.proxier.need_full_sync:
+                logger.warning(
+                    "canary chain gone: iptables flushed? forcing a full sync",
+                    ip_family=family.value,
+                )
+                fp.proxier.need_full_sync = True
+                self.runner.request()
 
     # --- the sync ---------------------------------------------------------------------
 
     def _configs(self) -> tuple[ProxierConfig, ...]:
-        node = self.tracker.node
-        host: tuple[IPAddress, ...] = ()
-        if not self.options.node_ips and (node is None or not node.addresses):
-            host = self._host_addresses()
-        configs = []
-        found = proxier_configs(self.options, node, host)
-        nodeport = self.options.nodeport_addresses
-        if nodeport and nodeport != ("primary",):
-            found = with_interface_ips(found, host or self._host_addresses())
-        for config in found:
-            if config.localhost_nodeports and self.options.proxy_mode == "iptables":
-                sysctl.ensure("net.ipv4.conf.all.route_localnet", "1")
-            configs.append(
-                replace(config, conntrack_tcp_be_liberal=sysctl.conntrack_tcp_be_liberal())
-            )
-        return tuple(configs)
+        configs = node_configs(self.options, self.tracker.node, self._host_addresses)
+        counters = self._ensured_nfacct_counters()
+        return tuple(replace(c, nfacct_counters=counters) for c in self._prepare_host(configs))
+
+    def _ensured_nfacct_counters(self) -> frozenset[str]:
+        """Ensure the nfacct counters once; the rules count into those that exist."""
+        if self._nfacct_counters is None:
+            if self._nfacct is None:
+                self._nfacct_counters = frozenset()
+            else:
+                ok, failed = ensure_counters(self._nfacct, NFACCT_COUNTERS)
+                for name, error in failed.items():
+                    logger.error(
+                        "failed to create nfacct counter; the corresponding metric will not be"
+                        " updated",
+                        counter=name,
+                        error=error,
+                    )
+                self._nfacct_counters = ok
+        return self._nfacct_counters
 
     def _recompute(self, fp: FamilyProxier, names: set[NamespacedName]) -> None:
         tracker = self.tracker
@@ -274,16 +313,10 @@ class Controller:
             )
         # Periodic syncs write everything (a full sync) but re-render only what changed.
         changed = None if rebuilt else changes.services
-        results: dict[IPFamily, SyncResult | IpvsSyncResult] = {}
+        results: dict[IPFamily, SyncResult] = {}
         try:
             for family, fp in self.families.items():
-                states: ServiceStates | LazyStates = fp.states
-                if family in lazy:
-                    states = lazy[family]
-                    if not isinstance(fp.proxier, IptablesProxier):
-                        for name in states.names():
-                            states.get(name)
-                        states = fp.states
+                states = lazy.get(family, fp.states)
                 results[family] = self._sync_family(fp, states, changed, full=periodic)
                 self._cleanup_conntrack(family, fp, changes, previous.get(family, {}))
         except Exception:
@@ -291,12 +324,6 @@ class Controller:
                 self.tracker.requeue(changes)
             raise
         self._after_sync(changes, results, started)
-
-    def _new_proxier(self, config: ProxierConfig) -> IptablesProxier | IpvsProxier:
-        iptables = Iptables(config.family, self.backend)
-        if self.options.proxy_mode == "ipvs":
-            return IpvsProxier(config, iptables, scheduler=self.options.ipvs_scheduler)
-        return IptablesProxier(config, iptables)
 
     def _prepare(self, changes: Changes) -> bool:
         """(Re)build the per-family proxiers when the node changed; True if rebuilt."""
@@ -335,19 +362,10 @@ class Controller:
         changed: set[NamespacedName] | None,
         *,
         full: bool,
-    ) -> SyncResult | IpvsSyncResult:
+    ) -> SyncResult:
         family = fp.config.family.value
         try:
-            if isinstance(fp.proxier, IptablesProxier):
-                result = fp.proxier.sync(states, changed, full=full)
-                if (
-                    result.full
-                    and not fp.nftables_leftovers_checked
-                    and self._nftables_leftovers is not None
-                ):
-                    fp.nftables_leftovers_checked = self._nftables_leftovers(fp.config.family)
-                return result
-            return fp.proxier.sync(fp.states, changed, full=full)
+            result = fp.proxier.sync(states, changed, full=full)
         except RestoreError as err:
             self.metrics.iptables_restore_failures_total.labels(family).inc()
             if changed is not None and not full:
@@ -359,6 +377,9 @@ class Controller:
                 offending_lines=list(err.offending_lines),
             )
             raise
+        if result.full and not fp.nftables_leftovers_checked and self._nftables_leftovers:
+            fp.nftables_leftovers_checked = self._nftables_leftovers(fp.config.family)
+        return result
 
     def _cleanup_conntrack(
         self,
@@ -398,7 +419,7 @@ class Controller:
     def _after_sync(
         self,
         changes: Changes,
-        results: Mapping[IPFamily, SyncResult | IpvsSyncResult],
+        results: Mapping[IPFamily, SyncResult],
         started: float,
     ) -> None:
         elapsed = self._clock() - started

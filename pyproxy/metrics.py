@@ -10,18 +10,31 @@ The metrics live in their own `CollectorRegistry`, never prometheus_client's glo
 each `Metrics` (one per process, or one per test) is independent. As upstream's RegisterMetrics
 does, only the metrics that make sense for the proxy mode are registered (exported); the others
 still exist, so callers never need to check the mode before updating one.
+
+The two nfacct-based metrics of iptables mode are not kept here but read from the kernel on
+every scrape (`NfacctCollector`), as upstream's nfacctMetricCollector does; they are registered
+only when the nfacct subsystem answered at start (`pyproxy.nfacct.open_nfacct`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pyproxy.healthcheck import HTTPResponse, HTTPService
+from pyproxy.errors import KernelError
+from pyproxy.httpserver import HTTPResponse, HTTPService
+from pyproxy.nfacct import NfacctClient
+from pyproxy.proxystate import (
+    CT_STATE_INVALID_DROPPED_NFACCT_COUNTER,
+    LOCALHOST_NODEPORT_ACCEPTED_NFACCT_COUNTER,
+)
+
+logger = structlog.get_logger(__name__)
 
 _SUBSYSTEM = "kubeproxy"
 
@@ -56,7 +69,12 @@ class Metrics:
     `kind` is "full" or "partial".
     """
 
-    def __init__(self, mode: str = "iptables", registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        mode: str = "iptables",
+        registry: CollectorRegistry | None = None,
+        nfacct: NfacctClient | None = None,
+    ) -> None:
         self.mode = mode
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         fam = [IP_FAMILY_LABEL]
@@ -231,12 +249,56 @@ class Metrics:
             "ipvs": [self.iptables_restore_failures_total, self.restore_bytes],
             "nftables": [self.nftables_sync_failures_total, self.nftables_cleanup_failures_total],
         }
+        if nfacct is not None:
+            # Upstream registers these only in iptables mode and only if nfacct.New() worked.
+            per_mode["iptables"][:0] = [
+                NfacctCollector(
+                    nfacct,
+                    CT_STATE_INVALID_DROPPED_NFACCT_COUNTER,
+                    f"{_SUBSYSTEM}_iptables_ct_state_invalid_dropped_packets_total",
+                    "packets dropped by iptables to work around conntrack problems",
+                ),
+                NfacctCollector(
+                    nfacct,
+                    LOCALHOST_NODEPORT_ACCEPTED_NFACCT_COUNTER,
+                    f"{_SUBSYSTEM}_iptables_localhost_nodeports_accepted_packets_total",
+                    "Number of packets accepted on nodeports of loopback interface",
+                ),
+            ]
         for collector in [*core, *per_mode.get(mode, [])]:
             self.registry.register(collector)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every registered metric, as /metrics serves it."""
         return generate_latest(_WithoutCreated(self.registry))
+
+
+class NfacctCollector(Collector):
+    """One nfacct counter's packet count, read from the kernel at every scrape.
+
+    As upstream's nfacctMetricCollector: a counter that cannot be read (not created, nfacct
+    gone) is logged and left out of that scrape rather than reported as 0."""
+
+    def __init__(self, client: NfacctClient, counter: str, name: str, documentation: str) -> None:
+        self._client = client
+        self._counter = counter
+        self._name = name
+        self._documentation = documentation
+
+    def describe(self) -> list[Metric]:
+        # Registering must not touch the kernel; the name is all the registry checks.
+        return [CounterMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            counter = self._client.get(self._counter)
+        except KernelError as err:
+            logger.error("failed to collect nfacct counter", counter=self._counter, error=str(err))
+            return
+        if counter is None:
+            logger.error("nfacct counter not found", counter=self._counter)
+            return
+        yield CounterMetricFamily(self._name, self._documentation, value=counter.packets)
 
 
 class _WithoutCreated(Collector):

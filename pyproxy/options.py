@@ -112,6 +112,7 @@ class ProxyOptions:
     masquerade_bit: int = 14
     sync_period: float = 30.0
     min_sync_period: float = 1.0
+    #: A scheduler name, normalised by parse_options ("" → "rr").
     ipvs_scheduler: str = "rr"
     healthz_bind_address: str = "0.0.0.0:10256"
     metrics_bind_address: str = "127.0.0.1:10249"
@@ -125,6 +126,15 @@ class ProxyOptions:
     verbosity: int = 0
     #: The PreferSameTrafficDistribution gate: beta and on by default in 1.34.
     prefer_same_node: bool = FEATURE_GATES["PreferSameTrafficDistribution"].default
+    #: --ipvs-exclude-cidrs: virtual servers in these are never deleted as stale (ipvs mode).
+    ipvs_exclude_cidrs: tuple[IPNetwork, ...] = ()
+    #: --ipvs-strict-arp: arp_ignore=1, arp_announce=2 on all interfaces (ipvs mode).
+    ipvs_strict_arp: bool = False
+    #: --ipvs-tcp-timeout, --ipvs-tcpfin-timeout, --ipvs-udp-timeout in seconds; 0 leaves the
+    #: kernel's value as it is (ipvs mode, set once at start as `ipvsadm --set`).
+    ipvs_tcp_timeout: float = 0.0
+    ipvs_tcpfin_timeout: float = 0.0
+    ipvs_udp_timeout: float = 0.0
 
     @property
     def node_name(self) -> str:
@@ -200,16 +210,62 @@ def build_parser() -> argparse.ArgumentParser:
         type=_flag_duration,
         default=30.0,
         metavar="DURATION",
-        help="maximum interval between full syncs (default 30s)",
+        help="how often the canary chain is checked (a flushed table forces a full sync) and"
+        " how long after a failed sync it is retried; ipvs mode also syncs this often;"
+        " iptables mode's periodic full sync is hourly, as upstream's (default 30s)",
     )
     p.add_argument(
         "--iptables-min-sync-period",
         type=_flag_duration,
         default=1.0,
         metavar="DURATION",
-        help="minimum interval between syncs (default 1s)",
+        help="minimum time from the end of one sync to the start of the next; 0: sync every"
+        " change at once (default 1s)",
     )
     p.add_argument("--ipvs-scheduler", default="rr")
+    # As kube-proxy: the sync periods of ipvs mode; in ipvs mode the --iptables-* ones are
+    # ignored, and these are ignored in the other modes (None: not given, upstream's default).
+    p.add_argument(
+        "--ipvs-sync-period",
+        type=_flag_duration,
+        default=None,
+        metavar="DURATION",
+        help="ipvs mode: interval between periodic syncs (default 30s; must be > 0)",
+    )
+    p.add_argument(
+        "--ipvs-min-sync-period",
+        type=_flag_duration,
+        default=None,
+        metavar="DURATION",
+        help="ipvs mode: minimum interval between syncs (default 1s; 0: every change at once)",
+    )
+    p.add_argument(
+        "--ipvs-exclude-cidrs",
+        default="",
+        metavar="CIDR[,CIDR]",
+        help="ipvs mode: virtual servers in these CIDRs are never deleted as stale",
+    )
+    p.add_argument(
+        "--ipvs-strict-arp",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_flag_bool,
+        metavar="BOOL",
+        help="ipvs mode: set arp_ignore=1 and arp_announce=2 (net.ipv4.conf.all)",
+    )
+    for flag, what in (
+        ("--ipvs-tcp-timeout", "idle IPVS TCP connections"),
+        ("--ipvs-tcpfin-timeout", "IPVS TCP connections after a FIN"),
+        ("--ipvs-udp-timeout", "IPVS UDP flows"),
+    ):
+        p.add_argument(
+            flag,
+            type=_flag_duration,
+            default=0.0,
+            metavar="DURATION",
+            help=f"ipvs mode: timeout of {what}; 0 (default) leaves the kernel's as it is",
+        )
     p.add_argument("--healthz-bind-address", default="0.0.0.0:10256", metavar="IP:PORT")
     p.add_argument("--metrics-bind-address", default="127.0.0.1:10249", metavar="IP:PORT")
     p.add_argument("--kubeconfig", default=None, metavar="FILE")
@@ -268,13 +324,22 @@ def parse_options(argv: Sequence[str]) -> ProxyOptions:
                     f"--nodeport-addresses: invalid CIDR {text!r} (CIDRs or 'primary')"
                 ) from None
     try:
-        normalize_scheduler(args.ipvs_scheduler)
+        # Checked and normalised here, once: the IPVS proxier and --dry-run take it as it is.
+        scheduler = normalize_scheduler(args.ipvs_scheduler)
     except ValueError as err:
         raise ConfigError(f"--ipvs-scheduler: {err}") from None
+    # Upstream's validation (pkg/proxy/apis/config/validation): a zero period would retry and
+    # check the canary in a busy loop. ipvs mode ignores these two (with_ipvs_flags).
+    if args.proxy_mode != "ipvs" and args.iptables_sync_period <= 0:
+        raise ConfigError("--iptables-sync-period must be greater than 0")
+    if args.proxy_mode != "ipvs" and args.iptables_min_sync_period > args.iptables_sync_period:
+        raise ConfigError(
+            "--iptables-sync-period must be greater than or equal to --iptables-min-sync-period"
+        )
     if not 0 <= args.iptables_masquerade_bit <= 31:
         raise ConfigError("--iptables-masquerade-bit must be between 0 and 31")
     gates = parse_feature_gates(args.feature_gates)
-    return ProxyOptions(
+    options = ProxyOptions(
         proxy_mode=args.proxy_mode,
         hostname_override=args.hostname_override,
         cluster_cidrs=tuple(cidrs),
@@ -284,7 +349,7 @@ def parse_options(argv: Sequence[str]) -> ProxyOptions:
         masquerade_bit=args.iptables_masquerade_bit,
         sync_period=args.iptables_sync_period,
         min_sync_period=args.iptables_min_sync_period,
-        ipvs_scheduler=args.ipvs_scheduler,
+        ipvs_scheduler=scheduler,
         healthz_bind_address=args.healthz_bind_address,
         metrics_bind_address=args.metrics_bind_address,
         kubeconfig=args.kubeconfig,
@@ -298,6 +363,39 @@ def parse_options(argv: Sequence[str]) -> ProxyOptions:
         prefer_same_node=gates.get(
             "PreferSameTrafficDistribution", FEATURE_GATES["PreferSameTrafficDistribution"].default
         ),
+    )
+    return with_ipvs_flags(options, args) if args.proxy_mode == "ipvs" else options
+
+
+def with_ipvs_flags(options: ProxyOptions, args: argparse.Namespace) -> ProxyOptions:
+    """ipvs mode's flags, validated as kube-proxy validates them (only in ipvs mode, as
+    upstream: elsewhere they are ignored). The sync periods are upstream's
+    processV1Alpha1Flags: in ipvs mode --ipvs-sync-period and --ipvs-min-sync-period set
+    them (default 30s and 1s), and --iptables-sync-period/--iptables-min-sync-period are
+    ignored."""
+    sync_period = 30.0 if args.ipvs_sync_period is None else args.ipvs_sync_period
+    min_sync_period = 1.0 if args.ipvs_min_sync_period is None else args.ipvs_min_sync_period
+    if sync_period <= 0:
+        raise ConfigError("--ipvs-sync-period must be greater than 0")
+    if min_sync_period > sync_period:
+        raise ConfigError(
+            "--ipvs-sync-period must be greater than or equal to --ipvs-min-sync-period"
+        )
+    excluded: list[IPNetwork] = []
+    for text in filter(None, (t.strip() for t in args.ipvs_exclude_cidrs.split(","))):
+        try:
+            excluded.append(parse_cidr(text))
+        except ValueError:
+            raise ConfigError(f"--ipvs-exclude-cidrs: invalid CIDR {text!r}") from None
+    return replace(
+        options,
+        sync_period=sync_period,
+        min_sync_period=min_sync_period,
+        ipvs_exclude_cidrs=tuple(excluded),
+        ipvs_strict_arp=args.ipvs_strict_arp,
+        ipvs_tcp_timeout=args.ipvs_tcp_timeout,
+        ipvs_tcpfin_timeout=args.ipvs_tcpfin_timeout,
+        ipvs_udp_timeout=args.ipvs_udp_timeout,
     )
 
 
@@ -352,9 +450,7 @@ def proxier_configs(
             )
         else:
             nodeport = tuple(
-                net
-                for net in (parse_cidr(t) for t in nodeport_flag)
-                if IPFamily.of(net) is family
+                net for net in (parse_cidr(t) for t in nodeport_flag) if IPFamily.of(net) is family
             )
         # Localhost NodePorts: IPv4 only, and only if the nodeport addresses include loopback.
         localhost = (

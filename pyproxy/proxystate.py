@@ -13,6 +13,7 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from pyproxy.model import (
     ClusterState,
@@ -33,6 +34,15 @@ from pyproxy.serviceport import (
 
 #: Upstream's largeClusterEndpointsThreshold: above this many endpoints, comments are dropped.
 LARGE_CLUSTER_ENDPOINTS_THRESHOLD = 1000
+
+#: Upstream's nfacct counter names (pkg/proxy/metrics): the iptables rules count packets into
+#: them with `-m nfacct --nfacct-name NAME`, and /metrics reads them back on every scrape.
+LOCALHOST_NODEPORT_ACCEPTED_NFACCT_COUNTER = "localhost_nps_accepted_pkts"
+CT_STATE_INVALID_DROPPED_NFACCT_COUNTER = "ct_state_invalid_dropped_pkts"
+NFACCT_COUNTERS = (
+    CT_STATE_INVALID_DROPPED_NFACCT_COUNTER,
+    LOCALHOST_NODEPORT_ACCEPTED_NFACCT_COUNTER,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +70,10 @@ class ProxierConfig:
     prefer_same_node: bool = True
     #: `nf_conntrack_tcp_be_liberal` was set on the host (drops the INVALID rule).
     conntrack_tcp_be_liberal: bool = False
+    #: The nfacct counters the shell could ensure at start (upstream's nfAcctCounters set to
+    #: true); only rules whose counter exists get `-m nfacct`, so without nfacct the rules are
+    #: exactly those of a host without it. Empty in a dry run and with --once.
+    nfacct_counters: frozenset[str] = frozenset()
 
     @property
     def primary_node_ip(self) -> IPAddress | None:
@@ -87,6 +101,11 @@ class ServicePortState:
     info: ServicePortInfo
     endpoints: tuple[EndpointInfo, ...]
     categorized: CategorizedEndpoints
+
+
+#: One IP family's desired state: every Service with its service ports (what a proxier's
+#: `sync` takes and `desired_state` returns). Services without ports of the family are absent.
+ServiceStates: TypeAlias = Mapping[NamespacedName, tuple[ServicePortState, ...]]
 
 
 def service_state(
@@ -167,6 +186,13 @@ class LazyStates:
                 self.into[name] = ports
         return ports
 
+    def complete(self) -> dict[NamespacedName, tuple[ServicePortState, ...]]:
+        """Compute every state now (for a mode that needs them all before it starts);
+        returns `into`."""
+        for name in self.names():
+            self.get(name)
+        return self.into
+
     def endpoints_upper_bound(self) -> int:
         """At least `count_endpoints` of the complete state, without computing it: each
         endpoint of a slice counts once per slice port (a service port takes each endpoint of
@@ -179,6 +205,19 @@ class LazyStates:
         )
 
 
-def count_endpoints(states: Mapping[NamespacedName, tuple[ServicePortState, ...]]) -> int:
+def count_endpoints(states: ServiceStates) -> int:
     """Upstream's totalEndpoints: endpoints of every existing service port, this family."""
     return sum(len(port.endpoints) for ports in states.values() for port in ports)
+
+
+# --- output order -------------------------------------------------------------------------
+
+
+def service_order(name: NamespacedName) -> tuple[str, str]:
+    """Output order of Services (upstream's is random: it walks a Go map)."""
+    return (name.namespace, name.name)
+
+
+def port_order(state: ServicePortState) -> tuple[str, str]:
+    """Output order of one Service's ports."""
+    return (state.info.name.port, state.info.protocol.value)

@@ -1,12 +1,17 @@
-"""When to sync: upstream's BoundedFrequencyRunner, simplified to what the proxier needs.
+"""When to sync: upstream's BoundedFrequencyRunner (pkg/proxy/runner, 1.34), with its pacing.
 
-- `request()` asks for a sync soon; requests arriving while one is pending coalesce into one.
-- Two syncs start at least `min_interval` apart (--iptables-min-sync-period; 0 allowed).
-- A sync happens at least every `max_interval` even without requests (--iptables-sync-period);
-  the function is told whether this run is such a periodic one.
-- A failed run is retried after `retry_interval`.
+- `request()` asks for a sync soon; requests arriving while one is pending, or while a sync
+  runs, coalesce into one.
+- After a sync *ends*, nothing runs for `min_interval` (--iptables-min-sync-period; 0 allowed):
+  a sync that takes longer than the interval is not followed by another at once, so a busy
+  node gets breathing room between syncs instead of syncing back to back.
+- A sync happens at least every `max_interval` without requests, counted from the end of the
+  last one; `fn` is told whether this run is such a periodic one.
+- A failed run (fn raised) is run again `retry_interval` after it ended (at most
+  `max_interval`), unless a request or the periodic timer runs it sooner. The controller
+  passes the sync period, as upstream's proxiers do.
 
-The clock and the wait are injected, so tests drive time by hand.
+The clock is injected and `step()` does one turn of the loop, so tests drive time by hand.
 """
 
 from __future__ import annotations
@@ -38,9 +43,13 @@ class BoundedFrequencyRunner:
         self._cond = threading.Condition()
         self._requested = False
         self._stopped = False
-        self._last_run = -float("inf")
-        self._next_periodic = clock() + max_interval
-        self._retry_at: float | None = None
+        #: The end of the last run plus min_interval: nothing runs before (upstream's
+        #: minIntervalTimer, which the loop waits out after every run).
+        self._quiet_until = -float("inf")
+        #: When the next run is due without a request (upstream's nextRunTimer), and whether
+        #: that run is a retry of a failed one rather than the periodic one.
+        self._next_run = clock() + max_interval
+        self._next_is_retry = False
         self._thread: threading.Thread | None = None
 
     def request(self) -> None:
@@ -61,41 +70,40 @@ class BoundedFrequencyRunner:
 
     def _due(self, now: float) -> tuple[bool, bool, float]:
         """(run now?, periodic?, seconds to wait otherwise)."""
-        earliest = self._last_run + self.min_interval
-        periodic = now >= self._next_periodic
-        wanted = (
-            self._requested or periodic or (self._retry_at is not None and now >= self._retry_at)
-        )
-        if wanted and now >= earliest:
-            return True, periodic, 0.0
-        wake = self._next_periodic
-        if self._retry_at is not None:
-            wake = min(wake, self._retry_at)
-        if wanted:
-            wake = earliest
-        return False, periodic, max(0.0, wake - now)
+        if now < self._quiet_until:
+            return False, False, self._quiet_until - now
+        timer = now >= self._next_run
+        if self._requested or timer:
+            return True, timer and not self._next_is_retry, 0.0
+        return False, False, self._next_run - now
 
     def step(self) -> float | None:
         """Run once if due; returns how long to wait before the next step (None: stopped)."""
         with self._cond:
             if self._stopped:
                 return None
-            now = self._clock()
-            run, periodic, wait = self._due(now)
+            run, periodic, wait = self._due(self._clock())
             if not run:
                 return wait
+            # Requests that arrive while fn runs are kept for the run after this one.
             self._requested = False
-            self._retry_at = None
-            self._last_run = now
-            if periodic:
-                self._next_periodic = now + self.max_interval
+        failed = False
         try:
             self._fn(periodic)
         except Exception:
-            logger.exception("sync failed; will retry", retry_in_s=self.retry_interval)
-            with self._cond:
-                self._retry_at = self._clock() + self.retry_interval
-        return 0.0
+            failed = True
+            logger.exception(
+                "sync failed; will retry",
+                retry_in_s=min(self.retry_interval, self.max_interval),
+            )
+        with self._cond:
+            ended = self._clock()
+            # As upstream: both timers restart when the run ends, not when it started.
+            self._quiet_until = ended + self.min_interval
+            interval = min(self.retry_interval, self.max_interval) if failed else self.max_interval
+            self._next_run = ended + interval
+            self._next_is_retry = failed
+            return self._due(ended)[2]
 
     def loop(self) -> None:
         while self.step() is not None:

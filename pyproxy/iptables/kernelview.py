@@ -7,23 +7,19 @@ has: which of our hooks in built-in chains are missing, which service chains are
 
 from __future__ import annotations
 
-import re
-import shlex
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from pyproxy.iptables.render import (
+from pyproxy.iptables.vocabulary import (
     FILTER_CHAINS,
     KUBE_FIREWALL,
     KUBE_PROXY_CANARY,
+    KUBELET_CANARY,
     NAT_CHAINS,
     JumpRule,
     is_service_chain,
+    split_words,
 )
-
-BUILTIN_CHAINS = frozenset({"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"})
-#: kubelet's canary: when present, kubelet manages KUBE-FIREWALL and we leave it alone.
-KUBELET_CANARY = "KUBE-KUBELET-CANARY"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,33 +30,8 @@ class SavedRule:
     comment: str | None
 
 
-#: One shell word of iptables-save output: bare characters and double-quoted runs.
-#: shlex's whitespace is exactly these four characters.
-_WORD = re.compile(r'(?:[^ \t\r\n"]+|"[^"]*")+')
-_BARE_WORD = re.compile(r"[^ \t\r\n]+")
-
-
-def _split(line: str) -> list[str]:
-    """shlex.split(line), fast for what iptables-save prints.
-
-    A full sync reads the whole table back (175,000 rules at 10,000 Services), and shlex costs
-    ~60 µs a line. Without backslashes or single quotes, and with balanced double quotes, POSIX
-    shell splitting is: words of bare and double-quoted runs, quotes removed, nothing escaped.
-    Anything else goes to shlex (raising ValueError as it does).
-    """
-    if '"' not in line:
-        if "\\" not in line and "'" not in line:
-            return _BARE_WORD.findall(line)
-    elif "\\" not in line and "'" not in line and line.count('"') % 2 == 0:
-        return [word.replace('"', "") for word in _WORD.findall(line)]
-    return shlex.split(line)
-
-
 def _parse_rule(line: str) -> SavedRule | None:
-    try:
-        words = _split(line)
-    except ValueError:
-        return None
+    words = split_words(line)
     if len(words) < 2 or words[0] != "-A":
         return None
     target = comment = None

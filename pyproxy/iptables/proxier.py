@@ -1,5 +1,8 @@
 """One IP family's iptables dataplane: render what changed, write it, remember what is there.
 
+`IptablesProxier` implements the controller's `pyproxy.proxier.Proxier` contract;
+`cleanup_leftovers` is this mode's `--cleanup`.
+
 The proxier keeps the rendered rules of every Service, so a sync re-renders only the Services
 whose Service or EndpointSlices changed (the caller says which). A full sync writes every
 Service's chains, re-reads the kernel (iptables-save) to find stale chains and missing hooks in
@@ -16,51 +19,43 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator
 
-from pyproxy.iptables.kernelview import KernelView
+import structlog
+
+from pyproxy.iptables.kernelview import KernelView, cleanup_document
 from pyproxy.iptables.render import (
     ServicePortRules,
     StreamedRuleset,
     is_large_cluster,
-    is_service_chain,
-    jump_rules,
-    port_order,
     render_service_port,
-    service_order,
     stream_document,
 )
-from pyproxy.iptables.restore import Iptables
-from pyproxy.model import NamespacedName
-from pyproxy.proxystate import LazyStates, ProxierConfig, ServicePortState, count_endpoints
+from pyproxy.iptables.restore import Iptables, canary_exists
+from pyproxy.iptables.vocabulary import is_service_chain, jump_rules
+from pyproxy.model import IPFamily, NamespacedName
+from pyproxy.proxier import FULL_SYNC_PERIOD, SyncResult
+from pyproxy.proxystate import (
+    LazyStates,
+    ProxierConfig,
+    ServicePortState,
+    ServiceStates,
+    count_endpoints,
+    port_order,
+    service_order,
+)
+
+logger = structlog.get_logger("pyproxy")
 
 
 class _WrongClusterModeError(Exception):
     """A streamed full sync guessed upstream's large-cluster mode wrong (see _full_sync)."""
 
 
-#: Upstream's proxyutil.FullSyncPeriod: even without failures, write everything hourly.
-FULL_SYNC_PERIOD = 3600.0
-
-ServiceStates = Mapping[NamespacedName, tuple[ServicePortState, ...]]
-
-
 def _service_chain_rules(table: str, chain: str) -> bool:
     """Rules a full sync need not read back: those of nat service chains (it only needs their
     names, to delete stale ones, and the hooks in built-in chains)."""
     return table == "nat" and is_service_chain(chain)
-
-
-@dataclass(frozen=True, slots=True)
-class SyncResult:
-    full: bool
-    restore_bytes: int
-    filter_rules: int
-    nat_rules: int
-    no_local_internal: int
-    no_local_external: int
-    services_written: int
 
 
 class IptablesProxier:
@@ -82,6 +77,10 @@ class IptablesProxier:
         self._large = False
         self._last_full = -math.inf
         self.need_full_sync = True
+
+    def canary_present(self) -> bool:
+        """Whether the KUBE-PROXY-CANARY chain of the last full sync is still there."""
+        return canary_exists(self.iptables)
 
     def _render_ports(
         self, ports: tuple[ServicePortState, ...], large: bool
@@ -249,3 +248,21 @@ class IptablesProxier:
             no_local_external=summary.no_local_external,
             services_written=len(self._rendered) if rerendered is None else len(rerendered),
         )
+
+
+def cleanup_leftovers(backend: str) -> bool:
+    """iptables mode's `--cleanup`: every hook, rule and chain pyproxy (or kube-proxy: the same
+    names) may have written, whatever flags it ran with, and nothing else."""
+    changed = False
+    for family in IPFamily:
+        iptables = Iptables(family, backend)
+        # Every hook pyproxy may have installed, whatever flags it ran with.
+        hooks = jump_rules(ProxierConfig(family=family, node_name="", localhost_nodeports=True))
+        document = cleanup_document(
+            KernelView.from_save(iptables.save(("filter", "nat", "mangle"))), hooks
+        )
+        if document:
+            iptables.restore(document)
+            changed = True
+        logger.info("cleaned up", ip_family=family.value, backend=backend, changed=bool(document))
+    return changed

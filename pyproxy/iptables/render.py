@@ -6,12 +6,16 @@ The one deliberate difference: upstream walks a Go map, so its service order is 
 service ports are sorted by name and protocol, making the output byte-identical for the same
 input.
 
+The words it writes (chain names and their hash, the jumps from the built-in chains, the
+restore-document layout with hooks and canaries) are `vocabulary`'s, shared with the parser,
+the kernel view and ipvs mode.
+
 Rendering is split per service port (`render_service_port`) so the sync loop can keep the text
 of unchanged Services and only re-render what changed; `assemble_ruleset` stitches the pieces
 into one `*filter … COMMIT *nat … COMMIT` document, optionally leaving out the chains of
 Services that did not change (upstream's partial sync).
 
-Layout (see also ../shared/reference/kube-proxy.md, section b):
+Layout (upstream: `pkg/proxy/iptables/proxier.go`, `syncProxyRules`):
 
     nat PREROUTING/OUTPUT → KUBE-SERVICES ─┬─ cluster IP ─→ KUBE-SVC-/KUBE-SVL-* → KUBE-SEP-* (DNAT)
                                            ├─ external IP ─────────→ KUBE-EXT-* → SVC/SVL
@@ -25,108 +29,47 @@ Layout (see also ../shared/reference/kube-proxy.md, section b):
 
 from __future__ import annotations
 
-import functools
-import hashlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from pyproxy.model import IPFamily, NamespacedName
-from pyproxy.proxystate import LARGE_CLUSTER_ENDPOINTS_THRESHOLD, ProxierConfig, ServicePortState
-from pyproxy.serviceport import EndpointInfo, ServicePortName
-
-KUBE_SERVICES = "KUBE-SERVICES"
-KUBE_EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
-KUBE_FORWARD = "KUBE-FORWARD"
-KUBE_NODEPORTS = "KUBE-NODEPORTS"
-KUBE_PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
-KUBE_FIREWALL = "KUBE-FIREWALL"
-KUBE_POSTROUTING = "KUBE-POSTROUTING"
-KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
-KUBE_PROXY_CANARY = "KUBE-PROXY-CANARY"
-
-#: The fixed chains, in the order upstream declares them.
-FILTER_CHAINS = (
-    KUBE_SERVICES,
+from pyproxy.iptables.vocabulary import (
+    CANARY_DECLARATION,
+    FILTER_CHAINS,
     KUBE_EXTERNAL_SERVICES,
-    KUBE_FORWARD,
+    KUBE_FIREWALL,
+    KUBE_MARK_MASQ,
     KUBE_NODEPORTS,
     KUBE_PROXY_FIREWALL,
+    KUBE_SERVICES,
+    MANGLE_CANARY,
+    NAT_CHAINS,
+    JumpRule,
+    TableSection,
+    declarations,
+    endpoint_chain,
+    external_chain,
+    firewall_chain,
+    fixed_filter_rules,
+    fixed_nat_rules,
+    hook_inserts,
+    is_service_chain,
+    local_chain,
+    restore_document,
+    service_chain,
 )
-NAT_CHAINS = (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ)
-#: Prefixes of the per-service and per-endpoint chains (upstream's isServiceChainName).
-SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
-
-_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"  # RFC 4648 base32 alphabet
+from pyproxy.model import IPFamily
+from pyproxy.proxystate import (
+    LARGE_CLUSTER_ENDPOINTS_THRESHOLD,
+    LOCALHOST_NODEPORT_ACCEPTED_NFACCT_COUNTER,
+    ProxierConfig,
+    ServicePortState,
+    port_order,
+    service_order,
+)
+from pyproxy.serviceport import EndpointInfo, ServicePortName
 
 NODEPORTS_COMMENT = '"kubernetes service nodeports; NOTE: this must be the last rule in this chain"'
 _NODEPORTS_RULE = f"-A {KUBE_SERVICES} -m comment --comment {NODEPORTS_COMMENT}"
-
-
-# --- chain names --------------------------------------------------------------------------
-
-
-#: Every pair of base32 digits, indexed by the 10 bits they encode.
-_B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)
-
-
-def _hash16(text: str) -> str:
-    """base32(sha256(text))[:16]: the first 16 digits encode exactly the first 10 bytes.
-
-    Same result as `base64.b32encode(digest).decode()[:16]` (pure Python in 3.11, and called
-    for every endpoint: 110,000 times for 10,000 Services), three times faster."""
-    n = int.from_bytes(hashlib.sha256(text.encode()).digest()[:10], "big")
-    p = _B32_PAIRS
-    return (
-        p[n >> 70]
-        + p[(n >> 60) & 1023]
-        + p[(n >> 50) & 1023]
-        + p[(n >> 40) & 1023]
-        + p[(n >> 30) & 1023]
-        + p[(n >> 20) & 1023]
-        + p[(n >> 10) & 1023]
-        + p[n & 1023]
-    )
-
-
-@functools.lru_cache(maxsize=65536)
-def port_proto_hash(svc_port_name: str, protocol: str) -> str:
-    """Upstream's portProtoHash: base32(sha256(name + protocol))[:16]."""
-    return _hash16(svc_port_name + protocol)
-
-
-def service_chain(spn: ServicePortName) -> str:
-    return "KUBE-SVC-" + port_proto_hash(str(spn), spn.protocol.lower)
-
-
-def local_chain(spn: ServicePortName) -> str:
-    return "KUBE-SVL-" + port_proto_hash(str(spn), spn.protocol.lower)
-
-
-def external_chain(spn: ServicePortName) -> str:
-    return "KUBE-EXT-" + port_proto_hash(str(spn), spn.protocol.lower)
-
-
-def firewall_chain(spn: ServicePortName) -> str:
-    return "KUBE-FW-" + port_proto_hash(str(spn), spn.protocol.lower)
-
-
-def endpoint_chain(spn: ServicePortName, endpoint: str) -> str:
-    """KUBE-SEP- + base32(sha256(name + protocol + "ip:port"))[:16]."""
-    return "KUBE-SEP-" + _hash16(str(spn) + spn.protocol.lower + endpoint)
-
-
-def is_service_chain(chain: str) -> bool:
-    return chain.startswith(SERVICE_CHAIN_PREFIXES)
-
-
-def service_order(name: NamespacedName) -> tuple[str, str]:
-    """Output order of Services (upstream's is random: it walks a Go map)."""
-    return (name.namespace, name.name)
-
-
-def port_order(state: ServicePortState) -> tuple[str, str]:
-    """Output order of one Service's ports."""
-    return (state.info.name.port, state.info.protocol.value)
 
 
 def probability(n: int) -> str:
@@ -298,6 +241,19 @@ def render_service_port(
     # NodePorts: not subject to loadBalancerSourceRanges, as upstream.
     if info.node_port:
         if has_endpoints:
+            if (
+                config.localhost_nodeports
+                and config.family is IPFamily.IPv4
+                and LOCALHOST_NODEPORT_ACCEPTED_NFACCT_COUNTER in config.nfacct_counters
+            ):
+                # Same target as the rule below; it only counts localhost NodePort packets
+                # (kubeproxy_iptables_localhost_nodeports_accepted_packets_total).
+                dispatch.append(
+                    f"-A {KUBE_NODEPORTS} -m comment --comment {spn} {match} -d 127.0.0.0/8"
+                    f" --dport {info.node_port}"
+                    f" -m nfacct --nfacct-name {LOCALHOST_NODEPORT_ACCEPTED_NFACCT_COUNTER}"
+                    f" -j {ext_chain}"
+                )
             dispatch.append(
                 f"-A {KUBE_NODEPORTS} -m comment --comment {spn} {match}"
                 f" --dport {info.node_port} -j {ext_chain}"
@@ -418,46 +374,6 @@ def render_service_port(
 # --- the whole ruleset --------------------------------------------------------------------
 
 
-def fixed_filter_rules(config: ProxierConfig) -> tuple[list[str], list[str]]:
-    """(rules written before the services, rules written after), as upstream orders them."""
-    before: list[str] = []
-    if config.family is IPFamily.IPv4 and config.localhost_nodeports:
-        # route_localnet opens 127.0.0.0/8 to the network (CVE-2020-8558); kubelet has this too.
-        before.append(
-            f'-A {KUBE_FIREWALL} -m comment --comment "block incoming localnet connections"'
-            " -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT"
-            " -j DROP"
-        )
-    mark = config.masquerade_mark
-    after: list[str] = []
-    if not config.conntrack_tcp_be_liberal:
-        after.append(f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP")
-    after.append(
-        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding rules"'
-        f" -m mark --mark {mark}/{mark} -j ACCEPT"
-    )
-    after.append(
-        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding conntrack rule"'
-        " -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-    )
-    return before, after
-
-
-def fixed_nat_rules(config: ProxierConfig, *, random_fully: bool = True) -> list[str]:
-    mark = config.masquerade_mark
-    masquerade = (
-        f'-A {KUBE_POSTROUTING} -m comment --comment "kubernetes service traffic requiring SNAT"'
-        " -j MASQUERADE"
-    )
-    return [
-        f"-A {KUBE_POSTROUTING} -m mark ! --mark {mark}/{mark} -j RETURN",
-        # Clear the mark so a packet that re-traverses the stack is not masqueraded twice.
-        f"-A {KUBE_POSTROUTING} -j MARK --xor-mark {mark}",
-        masquerade + (" --random-fully" if random_fully else ""),
-        f"-A {KUBE_MARK_MASQ} -j MARK --or-mark {mark}",
-    ]
-
-
 def nodeports_jump_rules(config: ProxierConfig) -> list[str]:
     """The last rule(s) of nat KUBE-SERVICES: local destinations go to KUBE-NODEPORTS."""
     ips = config.nodeport_ips
@@ -475,67 +391,6 @@ def nodeports_jump_rules(config: ProxierConfig) -> list[str]:
             continue
         rules.append(f"{_NODEPORTS_RULE} -d {ip} -j {KUBE_NODEPORTS}")
     return rules
-
-
-@dataclass(frozen=True, slots=True)
-class JumpRule:
-    """A rule in a built-in chain that hooks one of our chains in (ensured, never flushed)."""
-
-    table: str
-    chain: str
-    args: str
-    target: str
-    comment: str
-
-    @property
-    def spec(self) -> str:
-        comment = f' -m comment --comment "{self.comment}"' if self.comment else ""
-        args = f" {self.args}" if self.args else ""
-        return f"{args}{comment} -j {self.target}".lstrip()
-
-
-_NEW = "-m conntrack --ctstate NEW"
-
-
-def jump_rules(config: ProxierConfig) -> tuple[JumpRule, ...]:
-    """Upstream's iptablesJumpChains (plus kubelet's KUBE-FIREWALL hooks when we own that chain).
-
-    Upstream prepends each in this order, so the last one ends up first in its chain.
-    """
-    rules = [
-        JumpRule(
-            "filter",
-            "INPUT",
-            _NEW,
-            KUBE_EXTERNAL_SERVICES,
-            "kubernetes externally-visible service portals",
-        ),
-        JumpRule(
-            "filter",
-            "FORWARD",
-            _NEW,
-            KUBE_EXTERNAL_SERVICES,
-            "kubernetes externally-visible service portals",
-        ),
-        JumpRule("filter", "INPUT", "", KUBE_NODEPORTS, "kubernetes health check service ports"),
-        JumpRule("filter", "FORWARD", _NEW, KUBE_SERVICES, "kubernetes service portals"),
-        JumpRule("filter", "OUTPUT", _NEW, KUBE_SERVICES, "kubernetes service portals"),
-        JumpRule("filter", "FORWARD", "", KUBE_FORWARD, "kubernetes forwarding rules"),
-        JumpRule("filter", "INPUT", _NEW, KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall"),
-        JumpRule(
-            "filter", "OUTPUT", _NEW, KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall"
-        ),
-        JumpRule(
-            "filter", "FORWARD", _NEW, KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall"
-        ),
-        JumpRule("nat", "OUTPUT", "", KUBE_SERVICES, "kubernetes service portals"),
-        JumpRule("nat", "PREROUTING", "", KUBE_SERVICES, "kubernetes service portals"),
-        JumpRule("nat", "POSTROUTING", "", KUBE_POSTROUTING, "kubernetes postrouting rules"),
-    ]
-    if config.family is IPFamily.IPv4 and config.localhost_nodeports:
-        rules.append(JumpRule("filter", "INPUT", "", KUBE_FIREWALL, ""))
-        rules.append(JumpRule("filter", "OUTPUT", "", KUBE_FIREWALL, ""))
-    return tuple(rules)
 
 
 @dataclass(frozen=True, slots=True)
@@ -564,30 +419,19 @@ class Ruleset:
         """The iptables-restore --noflush input: this ruleset, missing hooks inserted at the top
         of their built-in chains, stale service chains flushed and deleted, and (canary) the
         empty KUBE-PROXY-CANARY chains whose disappearance reveals a flush by someone else."""
-        hooks = tuple(hooks)
         stale = sorted(c for c in set(stale_chains) - self.active_nat_chains if is_service_chain(c))
-
-        def inserts(table: str) -> str:
-            return "".join(f"-I {h.chain} 1 {h.spec}\n" for h in hooks if h.table == table)
-
-        canary_decl = [f":{KUBE_PROXY_CANARY} - [0:0]\n"] if canary else []
-        return "".join(
+        return restore_document(
             [
-                *(["*mangle\n", *canary_decl, "COMMIT\n"] if canary else []),
-                "*filter\n",
-                *canary_decl,
-                *(f":{c} - [0:0]\n" for c in self.filter_chains),
-                self.filter_text,
-                inserts("filter"),
-                "COMMIT\n*nat\n",
-                *canary_decl,
-                *(f":{c} - [0:0]\n" for c in self.nat_chains),
-                *(f":{c} - [0:0]\n" for c in stale),
-                self.nat_text,
-                *(f"-X {c}\n" for c in stale),
-                inserts("nat"),
-                "COMMIT\n",
-            ]
+                TableSection("filter", self.filter_chains, self.filter_text),
+                TableSection(
+                    "nat",
+                    (*self.nat_chains, *stale),
+                    self.nat_text,
+                    "".join(f"-X {c}\n" for c in stale),
+                ),
+            ],
+            hooks=hooks,
+            canary=canary,
         )
 
     @property
@@ -631,19 +475,15 @@ def stream_document(
     false leaves a service port's own chains out, as in `assemble_ruleset`.
     """
     hooks = tuple(hooks)
-    canary_decl = f":{KUBE_PROXY_CANARY} - [0:0]\n" if canary else ""
-
-    def inserts(table: str) -> str:
-        return "".join(f"-I {h.chain} 1 {h.spec}\n" for h in hooks if h.table == table)
-
+    canary_decl = CANARY_DECLARATION if canary else ""
     if canary:
-        yield f"*mangle\n{canary_decl}COMMIT\n"
+        yield MANGLE_CANARY
     nat_fixed = fixed_nat_rules(config, random_fully=random_fully)
     yield "".join(
         [
             "*nat\n",
             canary_decl,
-            *(f":{c} - [0:0]\n" for c in NAT_CHAINS),
+            declarations(NAT_CHAINS),
             *(line + "\n" for line in nat_fixed),
         ]
     )
@@ -654,7 +494,7 @@ def stream_document(
     n_filter = len(before) + len(after)
     for rules in ports:
         if write_chains is None or write_chains(rules):
-            yield "".join([*(f":{c} - [0:0]\n" for c in rules.chains), rules.dispatch_text])
+            yield declarations(rules.chains) + rules.dispatch_text
             yield rules.chains_text
         else:  # unchanged in the kernel (a partial sync): only the dispatch rules
             yield rules.dispatch_text
@@ -673,15 +513,15 @@ def stream_document(
     yield "".join(
         [
             *(line + "\n" for line in tail),
-            *(f":{c} - [0:0]\n" for c in stale),
+            declarations(stale),
             *(f"-X {c}\n" for c in stale),
-            inserts("nat"),
+            hook_inserts(hooks, "nat"),
             "COMMIT\n*filter\n",
             canary_decl,
-            *(f":{c} - [0:0]\n" for c in filter_chains),
+            declarations(filter_chains),
             *filter_parts,
             *(line + "\n" for line in after),
-            inserts("filter"),
+            hook_inserts(hooks, "filter"),
             "COMMIT\n",
         ]
     )

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from pyproxy.errors import KernelError, RestoreError
+from pyproxy.iptables.vocabulary import KUBE_IPTABLES_HINT, KUBE_PROXY_CANARY, KUBELET_CANARY
 from pyproxy.model import IPFamily
 
 BACKENDS = ("legacy", "nft")
@@ -72,7 +73,7 @@ def _has_hint(backend: str) -> bool:
             continue
         result = _run([tool, "-t", "mangle"])
         if result.returncode == 0 and (
-            "KUBE-IPTABLES-HINT" in result.stdout or "KUBE-KUBELET-CANARY" in result.stdout
+            KUBE_IPTABLES_HINT in result.stdout or KUBELET_CANARY in result.stdout
         ):
             return True
     return False
@@ -265,4 +266,4 @@ def _restore_error(tool: str, returncode: int, stderr: str, document: str) -> Re
 
 def canary_exists(iptables: Iptables) -> bool:
     """Whether the KUBE-PROXY-CANARY chain a full sync creates is still in the mangle table."""
-    return ":KUBE-PROXY-CANARY " in iptables.save(("mangle",))
+    return f":{KUBE_PROXY_CANARY} " in iptables.save(("mangle",))

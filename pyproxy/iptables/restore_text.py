@@ -14,8 +14,9 @@ raw text and listed in ``Rule.unknown`` / ``Rule.unknown_target`` so that a cons
 *structure* (a rule outside a table, a missing ``COMMIT``, an unknown command), because such
 text would be refused by ``iptables-restore`` too.
 
-Pure: stdlib only, no I/O. A 100k-line ruleset parses in a few hundred milliseconds; addresses
-are only turned into ``ipaddress`` networks when something asks (and then memoised).
+Chain names, built-in chains and the tokenizer of rule lines are `vocabulary`'s. Pure: no I/O.
+A 100k-line ruleset parses in a few hundred milliseconds; addresses are only turned into
+``ipaddress`` networks when something asks (and then memoised).
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from pyproxy.errors import PyproxyError
+from pyproxy.iptables.vocabulary import BUILTIN_CHAINS, FIXED_KUBE_CHAINS, split_words
 
 __all__ = [
-    "BUILTIN_CHAINS",
     "BUILTIN_TARGETS",
-    "FIXED_KUBE_CHAINS",
     "AddressMatch",
     "Chain",
     "ConntrackMatch",
@@ -51,22 +51,10 @@ __all__ = [
     "parse_rule",
     "parse_ruleset",
     "sort_ruleset_text",
-    "split_words",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-#: Built-in chains of each table (the ones with a policy, never created or deleted).
-BUILTIN_CHAINS: Mapping[str, frozenset[str]] = MappingProxyType(
-    {
-        "filter": frozenset({"INPUT", "FORWARD", "OUTPUT"}),
-        "nat": frozenset({"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"}),
-        "mangle": frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}),
-        "raw": frozenset({"PREROUTING", "OUTPUT"}),
-        "security": frozenset({"INPUT", "FORWARD", "OUTPUT"}),
-    }
-)
 
 #: Targets that are iptables extensions (or verdicts), not user chains.
 BUILTIN_TARGETS = frozenset(
@@ -76,16 +64,6 @@ BUILTIN_TARGETS = frozenset(
         "MARK", "CONNMARK", "LOG", "NFLOG", "ULOG", "TRACE", "CT", "NOTRACK", "AUDIT",
         "TPROXY", "CLASSIFY", "DSCP", "TOS", "TTL", "HL", "TCPMSS", "CHECKSUM", "SET",
         "SECMARK", "CONNSECMARK", "IDLETIMER", "LED", "HMARK", "TEE", "SYNPROXY",
-    }
-)  # fmt: skip
-
-#: Chains kube-proxy always creates even when nothing jumps to them (upstream
-#: ``checkIPTablesRuleJumps`` exempts them from the "created but not used" check).
-FIXED_KUBE_CHAINS = frozenset(
-    {
-        "KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD", "KUBE-NODEPORTS",
-        "KUBE-POSTROUTING", "KUBE-MARK-MASQ", "KUBE-PROXY-FIREWALL", "KUBE-FIREWALL",
-        "KUBE-PROXY-CANARY",
     }
 )  # fmt: skip
 
@@ -403,59 +381,6 @@ class Ruleset:
             out.extend(f"-X {c.name}" for c in t.chains if c.deleted)
             out.append("COMMIT")
         return "\n".join(out) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenising
-# ---------------------------------------------------------------------------------------------
-
-# A word is a run of: double-quoted strings (backslash escapes inside, as iptables-save writes
-# them), single-quoted strings, backslash escapes, plain characters; a lone unbalanced quote is
-# kept literally rather than swallowing the rest of the line.
-_WORD_RE = re.compile(r"""(?:"(?:[^"\\]|\\.)*"|'[^']*'|\\.|[^\s"'\\]+|["'\\])+""")
-_PIECE_RE = re.compile(r""""((?:[^"\\]|\\.)*)"|'([^']*)'|\\(.)|([^"'\\]+)|(["'\\])""")
-_ESCAPE_RE = re.compile(r"\\(.)")
-
-
-def _unquote(word: str) -> str:
-    parts: list[str] = []
-    for m in _PIECE_RE.finditer(word):
-        dq, sq, esc, plain, lone = m.groups()
-        if dq is not None:
-            parts.append(_ESCAPE_RE.sub(r"\1", dq))
-        elif sq is not None:
-            parts.append(sq)
-        elif esc is not None:
-            parts.append(esc)
-        elif plain is not None:
-            parts.append(plain)
-        else:
-            parts.append(lone or "")
-    return "".join(parts)
-
-
-def split_words(line: str) -> list[str]:
-    """Split a rule line into words like iptables-restore (and a shell) would."""
-    if "\\" not in line and "'" not in line:
-        if '"' not in line:
-            return line.split()
-        # Fast path for the common case: double-quoted words standing alone.
-        parts = line.split('"')
-        last = len(parts) - 1
-        if last % 2 == 0:
-            words: list[str] = []
-            for k in range(0, last + 1, 2):
-                seg = parts[k]
-                if (0 < k < last and not seg) or (
-                    seg and ((k and not seg[0].isspace()) or (k < last and not seg[-1].isspace()))
-                ):
-                    break  # a quote glued to other characters: use the general path
-                words.extend(seg.split())
-                if k < last:
-                    words.append(parts[k + 1])
-            else:
-                return words
-    return [_unquote(w) for w in _WORD_RE.findall(line)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ from typing import Literal
 
 from pyproxy.iptables.restore_text import (
     BUILTIN_TARGETS,
-    FIXED_KUBE_CHAINS,
     Rule,
     Ruleset,
     RulesetParseError,
@@ -51,10 +50,15 @@ from pyproxy.iptables.restore_text import (
     parse_ruleset,
     sort_ruleset_text,
 )
+from pyproxy.iptables.vocabulary import (
+    KUBE_EXTERNAL_SERVICES,
+    KUBE_NODEPORTS,
+    KUBE_PROXY_FIREWALL,
+    KUBE_SERVICES,
+)
 
 __all__ = [
     "DIRECT_FILTER_CHAINS",
-    "FIXED_KUBE_CHAINS",
     "Branch",
     "Rule",
     "Ruleset",
@@ -74,10 +78,10 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: Filter chains upstream's tracer runs directly, in this order.
 DIRECT_FILTER_CHAINS = (
-    "KUBE-SERVICES",
-    "KUBE-EXTERNAL-SERVICES",
-    "KUBE-NODEPORTS",
-    "KUBE-PROXY-FIREWALL",
+    KUBE_SERVICES,
+    KUBE_EXTERNAL_SERVICES,
+    KUBE_NODEPORTS,
+    KUBE_PROXY_FIREWALL,
 )
 
 _NON_TERMINATING_TARGETS = frozenset(
@@ -170,15 +174,6 @@ class Trace:
         if self.filter_verdict is not None:
             outs.append(str(self.filter_verdict))
         return ", ".join(outs)
-
-    @property
-    def matched_rules(self) -> tuple[str, ...]:
-        """Raw text of every rule that matched, in order (upstream's debugging list)."""
-        return tuple(
-            s.rule
-            for s in self.steps
-            if s.rule and s.action not in (StepAction.SKIPPED, StepAction.UNKNOWN)
-        )
 
     def describe(self) -> str:
         """Multi-line, indented human-readable path (what ``pyproxy trace`` prints)."""

@@ -18,7 +18,10 @@ record it (its ip,proto:port in KUBE-CLUSTER-IP / -EXTERNAL-IP / -EXTERNAL-IP-LO
 -LOAD-BALANCER, or its port in the KUBE-NODE-PORT-<proto> set; SCTP: ip,sctp:port in
 KUBE-NODE-PORT-SCTP-HASH). Those sets live in the kernel, so the rule survives restarts. Any
 other virtual server (ipvsadm by hand, another tool) is left alone unless the plan itself wants
-that exact protocol/address/port.
+that exact protocol/address/port. On top of that, as kube-proxy's `--ipvs-exclude-cidrs`, a
+virtual server whose address is inside one of the excluded CIDRs is never deleted as stale, even
+one of pyproxy's (upstream: cleanLegacyService skips them); a wanted one is still created and
+updated there, and addresses are unbound as usual.
 
 Graceful termination (upstream's graceful_termination.go): a real server that is no longer
 wanted is deleted at once when its virtual server is UDP or SCTP (`expire_nodest_conn=1`
@@ -46,7 +49,7 @@ from pyproxy.ipvs.plan import (
     VirtualServer,
     VirtualServerKey,
 )
-from pyproxy.model import IPAddress, IPFamily, Protocol, format_endpoint
+from pyproxy.model import IPAddress, IPFamily, IPNetwork, Protocol, format_endpoint
 
 #: Default limit on draining: after this long a real server is deleted even with connections.
 DEFAULT_DRAIN_TIMEOUT = 15 * 60.0
@@ -308,6 +311,11 @@ def owned_by_pyproxy(key: VirtualServerKey, state: KernelState) -> bool:
     return node_port_entry in _members(state, node_port_set, family)
 
 
+def excluded(address: IPAddress, exclude_cidrs: Iterable[IPNetwork]) -> bool:
+    """Inside one of `--ipvs-exclude-cidrs` (upstream's isIPInExcludeCIDRs)."""
+    return any(address in cidr for cidr in exclude_cidrs)
+
+
 # --- the diff -----------------------------------------------------------------------------
 
 
@@ -404,12 +412,15 @@ def diff(
     now: float = 0.0,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     iptables_document: str | None = None,
+    exclude_cidrs: Iterable[IPNetwork] = (),
 ) -> Diff:
     """The operations turning `state` into `plan` (this family only), in apply order.
 
     `draining` is the previous Diff's map (empty after a restart: draining then restarts for
     real servers still at weight 0). `iptables_document`, when given, is written in phase 7.
+    Stale virtual servers inside `exclude_cidrs` are left alone (module docstring).
     """
+    exclude_cidrs = tuple(exclude_cidrs)
     drain = _Draining(draining or {}, now, drain_timeout)
     family = plan.family
     planned_by_key = plan.by_key
@@ -437,11 +448,14 @@ def diff(
         additions.extend(add)
     ops.extend(removals)
 
-    # 3. Virtual servers of ours that are no longer wanted (with all their real servers).
+    # 3. Virtual servers of ours that are no longer wanted (with all their real servers),
+    # except inside --ipvs-exclude-cidrs.
     ops.extend(
         DeleteVirtualServer(current.server)
         for key, current in sorted(current_ours.items(), key=lambda kv: kv[0].sort_key)
-        if key not in planned_by_key and owned_by_pyproxy(key, state)
+        if key not in planned_by_key
+        and owned_by_pyproxy(key, state)
+        and not excluded(key.address, exclude_cidrs)
     )
 
     # 4. New and changed virtual servers.

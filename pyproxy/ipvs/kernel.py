@@ -6,11 +6,14 @@ calling thread, like the iptables adapter. `IpvsKernel` is the interface the pro
 that records calls stands in for it in unit tests. Foreign errors (netlink, OSError, a failed
 `ipset`) become KernelError here.
 
-Traps avoided (see ../shared/reference/dependencies.md): pyroute2's IPVSDest defaults to direct
+Traps avoided (pyroute2 0.9): pyroute2's IPVSDest defaults to direct
 routing, so every real server is written with fwd_method 0 (masquerade/NAT); its "update"
 command sends a delete, so changes use "set"; the scheduler is always passed explicitly. Kernel
 messages are read from their raw attributes (IPVSDest.from_message does not map everything).
 Bulk ipset work goes through one `ipset restore` (pyroute2's IPSet is slow in bulk).
+pyroute2 has no call for IPVS's global timeouts (`ipvsadm --set`): `set_timeouts` sends the
+generic-netlink IPVS_CMD_SET_CONFIG message itself, with the attributes as upstream's netlink
+library sends them (three host-order u32 seconds).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import socket
 import struct
 import subprocess
 from collections.abc import Iterable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -46,6 +50,30 @@ FWD_MASQ = 0
 #: pyroute2 encodes the attribute as an IPv4 address, so pack 128 accordingly.
 _IPV6_NETMASK = socket.inet_ntoa(struct.pack("=I", 128))
 _FLAGS_MASK = 0xFFFF
+_U32_MAX = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class IpvsTimeouts:
+    """IPVS's connection timeouts of one network namespace (`ipvsadm --set TCP TCPFIN UDP`),
+    in whole seconds; 0 leaves that timeout as it is (the kernel ignores a 0)."""
+
+    tcp: int = 0
+    tcp_fin: int = 0
+    udp: int = 0
+
+    @classmethod
+    def from_seconds(cls, tcp: float, tcp_fin: float, udp: float) -> IpvsTimeouts:
+        """From the flags' durations: truncated to whole seconds, as upstream's netlink library
+        does (uint32(d.Seconds())), so 500ms means 0, "leave it"; capped at the u32 range (the
+        kernel then refuses a value that large, and the refusal is logged)."""
+        return cls(*(min(int(value), _U32_MAX) for value in (tcp, tcp_fin, udp)))
+
+    def __bool__(self) -> bool:
+        return any((self.tcp, self.tcp_fin, self.udp))
+
+    def __str__(self) -> str:
+        return f"tcp {self.tcp}s, tcpfin {self.tcp_fin}s, udp {self.udp}s"
 
 
 class IpvsKernel(Protocol):
@@ -73,6 +101,7 @@ class IpvsKernel(Protocol):
     def unbind_address(self, ip: IPAddress) -> None: ...
     def restore_ipsets(self, text: str) -> None: ...
     def destroy_ipsets(self, names: Iterable[str]) -> None: ...
+    def set_timeouts(self, timeouts: IpvsTimeouts) -> None: ...
 
 
 def _attrs(msg: Any, nla: str) -> dict[str, Any]:
@@ -352,6 +381,29 @@ class LinuxIpvsKernel:
             ignore=(errno.ENOENT, errno.ESRCH),
         )
 
+    def set_timeouts(self, timeouts: IpvsTimeouts) -> None:
+        """`ipvsadm --set`: the kernel keeps the current value of any timeout sent as 0."""
+        from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+        from pyroute2.netlink.generic import ipvs as genl
+
+        msg = genl.ipvsmsg()
+        msg["cmd"] = genl.IPVS_CMD_SET_CONFIG
+        msg["version"] = genl.GENL_VERSION
+        # pyroute2 maps these attributes as raw bytes ("hex"): pack the u32s in host order.
+        msg["attrs"] = [
+            ("IPVS_CMD_ATTR_TIMEOUT_TCP", struct.pack("=I", timeouts.tcp)),
+            ("IPVS_CMD_ATTR_TIMEOUT_TCP_FIN", struct.pack("=I", timeouts.tcp_fin)),
+            ("IPVS_CMD_ATTR_TIMEOUT_UDP", struct.pack("=I", timeouts.udp)),
+        ]
+        ipvs = self.ipvs
+        self._netlink(
+            f"set IPVS timeouts ({timeouts})",
+            ipvs.nlm_request,
+            msg,
+            msg_type=ipvs.prid,
+            msg_flags=NLM_F_REQUEST | NLM_F_ACK,
+        )
+
     # --- ipsets ----------------------------------------------------------------------------
 
     def restore_ipsets(self, text: str) -> None:
@@ -383,4 +435,4 @@ def kernel_release() -> tuple[int, ...]:
     return tuple(numbers)
 
 
-__all__ = ["FWD_MASQ", "IpvsKernel", "LinuxIpvsKernel", "kernel_release"]
+__all__ = ["FWD_MASQ", "IpvsKernel", "IpvsTimeouts", "LinuxIpvsKernel", "kernel_release"]

@@ -26,7 +26,6 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pyproxy.iptables.render import port_order, service_order
 from pyproxy.ipvs import ipsets
 from pyproxy.ipvs.ipsets import IpsetSpec, ipset_specs, member_sort_key
 from pyproxy.ipvs.rules import (
@@ -36,7 +35,7 @@ from pyproxy.ipvs.rules import (
     render_rules,
 )
 from pyproxy.model import IPAddress, IPFamily, NamespacedName, Protocol, format_endpoint
-from pyproxy.proxystate import ProxierConfig, ServicePortState
+from pyproxy.proxystate import ProxierConfig, ServicePortState, port_order, service_order
 from pyproxy.serviceport import EndpointInfo, ServicePortName
 
 #: The dummy interface every service address is bound to.

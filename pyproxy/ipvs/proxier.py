@@ -1,8 +1,8 @@
 """One IP family's IPVS dataplane: read the kernel, plan, diff, apply; and --cleanup.
 
-The same interface as the iptables proxier (`sync(states, changed) -> result`,
-`need_full_sync`, `.iptables`, `.config`), so the controller drives either. Every sync is a
-straight pipeline of named stages:
+`IpvsProxier` implements the controller's `pyproxy.proxier.Proxier` contract (as the iptables
+proxier does), `cleanup_leftovers` is this mode's `--cleanup`. Every sync is a straight
+pipeline of named stages:
 
     read (kernel state: virtual/real servers with connection counts, kube-ipvs0, ipsets)
       → plan_ipvs (pure)  → diff (pure, with the draining map)  → apply_operations
@@ -10,9 +10,15 @@ straight pipeline of named stages:
 IPVS has no partial sync (upstream's neither): the plan is always complete, and the diff
 touches only what differs. The iptables rules are written on a full sync (with missing hooks
 and the canary chain) and otherwise only when they changed. A real server that is draining
-(see diff.py) is re-examined on every sync; the controller's periodic sync (at most
---iptables-sync-period apart) plays the part of upstream's one-minute graceful-termination
-timer. Any failure makes the next sync a full one.
+(see diff.py) is re-examined on every sync; the controller's periodic sync
+(--ipvs-sync-period after the end of the previous sync) plays the part of upstream's
+one-minute graceful-termination timer. Any failure makes the next sync a full one.
+
+Node-wide settings are made on the first sync, as upstream's NewProxier makes them: the
+sysctls (with --ipvs-strict-arp, arp_ignore/arp_announce too) and, when one of
+--ipvs-tcp-timeout/--ipvs-tcpfin-timeout/--ipvs-udp-timeout is set, IPVS's timeouts (a failure
+there is logged and the sync goes on, as upstream). cli.proxier_factory builds a proxier as
+the flags configure it.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ from typing import Protocol
 import structlog
 
 from pyproxy import sysctl
-from pyproxy.errors import ConfigError, KernelError, RestoreError
+from pyproxy.errors import KernelError, RestoreError
 from pyproxy.iptables.kernelview import KernelView
-from pyproxy.iptables.restore import Iptables
+from pyproxy.iptables.restore import Iptables, canary_exists
 from pyproxy.ipvs.diff import (
     DEFAULT_DRAIN_TIMEOUT,
     AddRealServer,
@@ -48,15 +54,14 @@ from pyproxy.ipvs.diff import (
     diff,
 )
 from pyproxy.ipvs.ipsets import IPSET_TABLE, ipset_name
-from pyproxy.ipvs.kernel import IpvsKernel, LinuxIpvsKernel, kernel_release
-from pyproxy.ipvs.plan import IpvsPlan, dry_run_text, normalize_scheduler, plan_ipvs
+from pyproxy.ipvs.kernel import IpvsKernel, IpvsTimeouts, LinuxIpvsKernel, kernel_release
+from pyproxy.ipvs.plan import IpvsPlan, dry_run_text, plan_ipvs
 from pyproxy.ipvs.rules import IpvsRuleset, cleanup_document, cleanup_hooks, ipvs_jump_rules
-from pyproxy.model import IPFamily, NamespacedName
-from pyproxy.proxystate import ProxierConfig, ServicePortState
+from pyproxy.model import IPFamily, IPNetwork, NamespacedName
+from pyproxy.proxier import SyncResult
+from pyproxy.proxystate import LazyStates, ProxierConfig, ServiceStates
 
 logger = structlog.get_logger("pyproxy")
-
-ServiceStates = Mapping[NamespacedName, tuple[ServicePortState, ...]]
 
 #: Sysctls kube-proxy's ipvs mode sets (NewProxier), as (key, value).
 SYSCTLS: tuple[tuple[str, str], ...] = (
@@ -71,6 +76,13 @@ SYSCTLS: tuple[tuple[str, str], ...] = (
 )
 #: conn_reuse_mode=0 only where it is needed and harmless (upstream: kernels >= 4.1, < 5.9).
 CONN_REUSE_MODE_KERNELS = ((4, 1), (5, 9))
+#: --ipvs-strict-arp (upstream's sysctlArpIgnore/sysctlArpAnnounce): answer ARP only for
+#: addresses on the receiving interface, and announce the best local source address, so the
+#: service addresses bound on kube-ipvs0 are not announced to the LAN (MetalLB's L2 mode).
+STRICT_ARP_SYSCTLS: tuple[tuple[str, str], ...] = (
+    ("net.ipv4.conf.all.arp_ignore", "1"),
+    ("net.ipv4.conf.all.arp_announce", "2"),
+)
 
 
 class IptablesLike(Protocol):
@@ -82,25 +94,7 @@ class IptablesLike(Protocol):
     def restore(self, document: str) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class IpvsSyncResult:
-    """What one sync did. The first seven fields match the iptables proxier's SyncResult."""
-
-    full: bool
-    restore_bytes: int
-    filter_rules: int
-    nat_rules: int
-    no_local_internal: int
-    no_local_external: int
-    services_written: int
-    virtual_servers: int
-    real_servers: int
-    operations: int
-    draining: int
-    ipset_bytes: int
-
-
-def prepare_host(*, release: Sequence[int] | None = None) -> list[str]:
+def prepare_host(*, release: Sequence[int] | None = None, strict_arp: bool = False) -> list[str]:
     """Set ipvs mode's sysctls in this network namespace; returns the ones changed."""
     if sysctl.read("net.ipv4.vs.conntrack") is None:
         raise KernelError(
@@ -111,6 +105,8 @@ def prepare_host(*, release: Sequence[int] | None = None) -> list[str]:
     low, high = CONN_REUSE_MODE_KERNELS
     if low <= version < high:
         wanted.append(("net.ipv4.vs.conn_reuse_mode", "0"))
+    if strict_arp:
+        wanted.extend(STRICT_ARP_SYSCTLS)
     return [f"{key}={value}" for key, value in wanted if sysctl.ensure(key, value)]
 
 
@@ -176,24 +172,33 @@ class IpvsProxier:
         clock: Callable[[], float] = time.monotonic,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         set_sysctls: bool = True,
+        exclude_cidrs: Sequence[IPNetwork] = (),
+        strict_arp: bool = False,
+        timeouts: IpvsTimeouts = IpvsTimeouts(),  # noqa: B008 - frozen, so a safe default
     ) -> None:
-        try:
-            self.scheduler = normalize_scheduler(scheduler)
-        except ValueError as err:
-            raise ConfigError(f"--ipvs-scheduler: {err}") from None
+        """`scheduler`: a scheduler name as `ProxyOptions.ipvs_scheduler` holds it (checked
+        and normalised once, when the flags are parsed)."""
+        self.scheduler = scheduler
         self.config = config
         self.iptables = iptables
         self._kernel = kernel
         self._clock = clock
         self.drain_timeout = drain_timeout
         self._set_sysctls = set_sysctls
+        #: --ipvs-exclude-cidrs of this family (upstream's filterCIDRs).
+        self.exclude_cidrs = tuple(c for c in exclude_cidrs if IPFamily.of(c) is config.family)
+        self.strict_arp = strict_arp
+        self.timeouts = timeouts
         self._prepared = False
         self._written: IpvsRuleset | None = None
         self.draining: Mapping[RealServerRef, float] = {}
         self.need_full_sync = True
-        #: The last sync's plan and diff, for logs, tests and `explain`.
-        self.last_plan: IpvsPlan | None = None
+        #: The last sync's diff, for logs and tests.
         self.last_diff: Diff | None = None
+
+    def canary_present(self) -> bool:
+        """Whether the KUBE-PROXY-CANARY chain of the last full sync is still there."""
+        return canary_exists(self.iptables)
 
     def plan(self, states: ServiceStates, kernel: IpvsKernel) -> IpvsPlan:
         ports = [p for ports in states.values() for p in ports]
@@ -203,24 +208,30 @@ class IpvsProxier:
 
     def sync(
         self,
-        states: ServiceStates,
+        states: ServiceStates | LazyStates,
         changed: Collection[NamespacedName] | None = None,
         *,
         full: bool = False,
-    ) -> IpvsSyncResult:
+    ) -> SyncResult:
         """Make the kernel implement `states` (every Service of the family).
 
         IPVS mode always plans and diffs everything, so `changed` only decides whether this is
         a full sync: `full`, `changed` None or a failure since the last sync make it one (the
-        iptables rules are then rewritten with missing hooks and the canary chain)."""
+        iptables rules are then rewritten with missing hooks and the canary chain). The plan
+        needs every state first: `LazyStates` are computed completely before anything else."""
+        if isinstance(states, LazyStates):
+            states = states.complete()
         full = full or self.need_full_sync or changed is None
         self.need_full_sync = True  # until everything below has succeeded
-        if not self._prepared and self._set_sysctls:
-            changed_sysctls = prepare_host()
+        first = not self._prepared
+        if first and self._set_sysctls:
+            changed_sysctls = prepare_host(strict_arp=self.strict_arp)
             if changed_sysctls:
                 logger.info("set sysctls for IPVS mode", sysctls=changed_sysctls)
         self._prepared = True
         with self._kernel() as kernel:
+            if first and self.timeouts:
+                self._set_timeouts(kernel)
             kernel.ensure_dummy()
             plan = self.plan(states, kernel)
             state = kernel.read_state()
@@ -239,8 +250,9 @@ class IpvsProxier:
                 now=self._clock(),
                 drain_timeout=self.drain_timeout,
                 iptables_document=document,
+                exclude_cidrs=self.exclude_cidrs,
             )
-            self.last_plan, self.last_diff = plan, result
+            self.last_diff = result
             self.draining = result.draining
             for op in result.operations:
                 if isinstance(op, (DrainRealServer, DeleteRealServer, DeleteVirtualServer)):
@@ -252,7 +264,7 @@ class IpvsProxier:
         self._written = plan.rules
         self.need_full_sync = False
         ipset_ops = [op for op in result.operations if isinstance(op, RestoreIpsets)]
-        return IpvsSyncResult(
+        return SyncResult(
             full=full,
             restore_bytes=len(document or ""),
             filter_rules=plan.rules.filter_rules,
@@ -260,12 +272,26 @@ class IpvsProxier:
             no_local_internal=len(plan.no_local_internal),
             no_local_external=len(plan.no_local_external),
             services_written=len(states),
-            virtual_servers=len(plan.virtual_servers),
-            real_servers=plan.real_server_count,
-            operations=len(result.operations),
-            draining=len(self.draining),
-            ipset_bytes=sum(len(op.text) for op in ipset_ops),
+            details={
+                "virtual_servers": len(plan.virtual_servers),
+                "real_servers": plan.real_server_count,
+                "operations": len(result.operations),
+                "draining": len(self.draining),
+                "ipset_bytes": sum(len(op.text) for op in ipset_ops),
+            },
         )
+
+    def _set_timeouts(self, kernel: IpvsKernel) -> None:
+        # Upstream (NewProxier) logs a failure and goes on: the timeouts are a tuning, and
+        # Services must not stay unprogrammed because of them.
+        try:
+            kernel.set_timeouts(self.timeouts)
+        except KernelError as err:
+            logger.error(
+                "cannot set the IPVS timeouts", timeouts=str(self.timeouts), error=str(err)
+            )
+        else:
+            logger.info("set the IPVS timeouts", timeouts=str(self.timeouts))
 
 
 # --- --cleanup ----------------------------------------------------------------------------
@@ -315,6 +341,25 @@ def cleanup(
     return CleanupResult(tuple(changed), deleted, destroyed, dummy, available)
 
 
+def cleanup_leftovers(backend: str) -> bool:
+    """ipvs mode's `--cleanup` on this host (see `cleanup`), with its log line."""
+    result = cleanup([Iptables(family, backend) for family in IPFamily])
+    logger.info(
+        "cleaned up ipvs mode",
+        iptables_changed=[f.value for f in result.iptables_changed],
+        virtual_servers_deleted=result.virtual_servers_deleted,
+        ipsets_destroyed=len(result.ipsets_destroyed),
+        dummy_deleted=result.dummy_deleted,
+        ipvs_available=result.ipvs_available,
+    )
+    return bool(
+        result.iptables_changed
+        or result.virtual_servers_deleted
+        or result.ipsets_destroyed
+        or result.dummy_deleted
+    )
+
+
 class _NoIptables:
     family = IPFamily.IPv4
 
@@ -326,12 +371,13 @@ class _NoIptables:
 
 
 __all__ = [
+    "STRICT_ARP_SYSCTLS",
     "SYSCTLS",
     "CleanupResult",
     "IpvsProxier",
-    "IpvsSyncResult",
     "apply_operations",
     "cleanup",
+    "cleanup_leftovers",
     "dry_run_text",
     "prepare_host",
 ]

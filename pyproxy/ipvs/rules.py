@@ -33,10 +33,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pyproxy.iptables.kernelview import KernelView, TableView
-from pyproxy.iptables.render import (
+from pyproxy.iptables.vocabulary import (
     FILTER_CHAINS as IPTABLES_FILTER_CHAINS,
 )
-from pyproxy.iptables.render import (
+from pyproxy.iptables.vocabulary import (
     KUBE_FORWARD,
     KUBE_MARK_MASQ,
     KUBE_POSTROUTING,
@@ -44,12 +44,14 @@ from pyproxy.iptables.render import (
     KUBE_PROXY_FIREWALL,
     KUBE_SERVICES,
     JumpRule,
+    TableSection,
     fixed_filter_rules,
     fixed_nat_rules,
     is_service_chain,
     jump_rules,
+    restore_document,
 )
-from pyproxy.iptables.render import (
+from pyproxy.iptables.vocabulary import (
     NAT_CHAINS as IPTABLES_NAT_CHAINS,
 )
 from pyproxy.ipvs import ipsets
@@ -114,27 +116,13 @@ class IpvsRuleset:
         """The iptables-restore --noflush input: our chains declared (so flushed) and refilled,
         missing hooks inserted at the top of their built-in chains, and (canary) the empty
         KUBE-PROXY-CANARY chains whose disappearance reveals a flush by someone else."""
-        hooks = tuple(hooks)
-
-        def inserts(table: str) -> str:
-            return "".join(f"-I {h.chain} 1 {h.spec}\n" for h in hooks if h.table == table)
-
-        canary_decl = [f":{KUBE_PROXY_CANARY} - [0:0]\n"] if canary else []
-        return "".join(
+        return restore_document(
             [
-                *(["*mangle\n", *canary_decl, "COMMIT\n"] if canary else []),
-                "*nat\n",
-                *canary_decl,
-                *(f":{c} - [0:0]\n" for c in NAT_CHAINS),
-                self.nat_text,
-                inserts("nat"),
-                "COMMIT\n*filter\n",
-                *canary_decl,
-                *(f":{c} - [0:0]\n" for c in FILTER_CHAINS),
-                self.filter_text,
-                inserts("filter"),
-                "COMMIT\n",
-            ]
+                TableSection("nat", NAT_CHAINS, self.nat_text),
+                TableSection("filter", FILTER_CHAINS, self.filter_text),
+            ],
+            hooks=hooks,
+            canary=canary,
         )
 
     @property

@@ -130,13 +130,22 @@ class Agent:
 
 @contextmanager
 def running_agent(
-    cluster: Cluster, server: str, kubeconfig: Path, workdir: Path, extra: Sequence[str] = ()
+    cluster: Cluster,
+    server: str,
+    kubeconfig: Path,
+    workdir: Path,
+    extra: Sequence[str] = (),
+    *,
+    host_port: int | None = None,
 ) -> Iterator[Agent]:
-    """pyproxy in node-a with its API bridge; killed (and its log tail printed) at the end."""
+    """pyproxy in node-a with its API bridge; killed (and its log tail printed) at the end.
+
+    `host_port`: where on the host's 127.0.0.1 the bridge connects (default: the API server's
+    own port; a test's relay in front of the API server otherwise)."""
     port = urllib.parse.urlsplit(server).port
     sock = workdir / "api.sock"
     host = subprocess.Popen(
-        ["socat", f"UNIX-LISTEN:{sock},fork,mode=600", f"TCP:127.0.0.1:{port}"],
+        ["socat", f"UNIX-LISTEN:{sock},fork,mode=600", f"TCP:127.0.0.1:{host_port or port}"],
         stderr=subprocess.DEVNULL,
     )
     eventually(sock.exists, 5, "host bridge socket")

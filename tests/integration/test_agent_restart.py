@@ -19,8 +19,8 @@ from pathlib import Path
 import kubernetes
 import pytest
 from agent import A1, NODE_A, Agent, eventually, make_service, running_agent, set_endpoints
-from controlplane import ControlPlane
 from netlab import Cluster, Node
+from netlab.controlplane import ControlPlane
 from netlab.fixtures import cluster_fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.kernel]

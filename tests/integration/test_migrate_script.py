@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from controlplane import ControlPlane
+from netlab.controlplane import ControlPlane
 from test_manifests import KUBECTL_TIMEOUT, describe, find_tool, kubectl
 
 pytestmark = pytest.mark.integration

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import kubernetes
 import pytest
-from controlplane import ControlPlane
 from migration import PHASES, Lab, create_objects, delete_node, markdown, migrate
 from netlab import Cluster
+from netlab.controlplane import ControlPlane
 from netlab.fixtures import cluster_fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.kernel]

@@ -17,10 +17,13 @@ import threading
 from pathlib import Path
 
 from pyproxy import log
+from pyproxy.cli import proxier_factory
 from pyproxy.conntrack import ConntrackCleaner
 from pyproxy.controller import Controller
 from pyproxy.hostnet import host_addresses
 from pyproxy.iptables.restore import detect_backend
+from pyproxy.nfacct import open_nfacct
+from pyproxy.nodeconfig import prepare_host
 from pyproxy.options import parse_options
 from pyproxy.sources.statefile import read_objects
 
@@ -53,10 +56,12 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     controller = Controller(
         options,
-        backend=detect_backend(options.iptables_backend),
+        proxier_factory=proxier_factory(options, detect_backend(options.iptables_backend)),
         source_factory=lambda c: StateSource(c, state),
         host_addresses=host_addresses,
+        prepare_host=lambda configs: prepare_host(configs, options.proxy_mode),
         conntrack=ConntrackCleaner,
+        nfacct=open_nfacct() if options.proxy_mode == "iptables" else None,
     )
     controller.start()
     try:

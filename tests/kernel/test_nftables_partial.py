@@ -144,9 +144,7 @@ class World:
         if kind == "LoadBalancer":
             status = {"loadBalancer": {"ingress": [{"ip": self._ip("192.0")}]}}
             if r.random() < 0.5:
-                spec["loadBalancerSourceRanges"] = [
-                    r.choice(["203.0.113.0/24", "172.30.0.0/24"])
-                ]
+                spec["loadBalancerSourceRanges"] = [r.choice(["203.0.113.0/24", "172.30.0.0/24"])]
         eps = [
             {
                 "addresses": [self._ip("10.244")],

@@ -27,17 +27,15 @@ from pyproxy.iptables.render import (
     StreamedRuleset,
     assemble_ruleset,
     is_large_cluster,
-    jump_rules,
-    port_order,
     render_service_port,
-    service_order,
     stream_document,
 )
 from pyproxy.iptables.restore import Iptables
 from pyproxy.iptables.restore_text import parse_ruleset
+from pyproxy.iptables.vocabulary import jump_rules
 from pyproxy.model import IPFamily
 from pyproxy.options import parse_options, proxier_configs
-from pyproxy.proxystate import count_endpoints, desired_state
+from pyproxy.proxystate import count_endpoints, desired_state, port_order, service_order
 from pyproxy.sources.statefile import read_objects
 
 pytestmark = pytest.mark.kernel

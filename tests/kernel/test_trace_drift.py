@@ -100,7 +100,7 @@ def trace(
     cluster: Cluster, state: Path | None, *args: str, backend: str = "nft", json_out: bool = True
 ) -> Any:
     """Run `pyproxy trace` inside node-a (with drift checking when `state` is given)."""
-    argv = [sys.executable, "-m", "pyproxy.explain_cli", "trace", *args]
+    argv = [sys.executable, "-m", "pyproxy.explain", "trace", *args]
     argv += ["--iptables-backend", backend]
     if state is not None:
         argv += node_flags(cluster, state)

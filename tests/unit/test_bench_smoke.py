@@ -14,7 +14,7 @@ import pytest
 import bench.model as bm
 from bench.node import metric_value, pyproxy_restore_bytes
 from bench.run import interleaved, wait_complete
-from pyproxy.iptables.render import service_chain
+from pyproxy.iptables.vocabulary import service_chain
 from pyproxy.model import Protocol
 from pyproxy.serviceport import ServicePortName
 

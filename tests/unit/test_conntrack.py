@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
+from fakes import FakeConntrack
 
 from pyproxy import conntrack as ct
-from pyproxy.conntrack import ConntrackCleaner, FakeConntrack, NetlinkConntrack
+from pyproxy.conntrack import ConntrackCleaner, NetlinkConntrack
 from pyproxy.conntrack_plan import (
     IPPROTO_TCP,
     IPPROTO_UDP,

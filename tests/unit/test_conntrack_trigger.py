@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import structlog
+from fakes import FakeConntrack
 
-from pyproxy.conntrack import ConntrackCleaner, FakeConntrack
+from pyproxy.conntrack import ConntrackCleaner
 from pyproxy.conntrack_plan import (
     IPPROTO_UDP,
     AllowedEndpoints,

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
-from unit_support import (
+from support import (
     endpoint,
     endpoint_slice,
     node,

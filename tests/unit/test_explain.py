@@ -28,19 +28,14 @@ from typing import Any
 
 import pytest
 
-from pyproxy import explain_cli
 from pyproxy.convert import state_from_objects
 from pyproxy.errors import PyproxyError
-from pyproxy.explain import (
-    Code,
-    Outcome,
-    desired_document,
-    explain_service,
-    normalize_rule,
-    ruleset_drift,
-    trace_saved,
-)
-from pyproxy.explain_cli import Style, format_explanation, format_packet_report
+from pyproxy.explain import cli as explain_cli
+from pyproxy.explain.format import Style, format_explanation, format_packet_report
+from pyproxy.explain.packet import trace_saved
+from pyproxy.explain.report import Code, Outcome
+from pyproxy.explain.service import desired_document, explain_service, service_extras
+from pyproxy.iptables.drift import normalize_rule, ruleset_drift
 from pyproxy.iptables.restore_text import parse_rule
 from pyproxy.model import IPFamily, NamespacedName, Protocol
 from pyproxy.options import parse_options, proxier_configs
@@ -481,7 +476,7 @@ def test_terminal_output_has_tables_and_colour() -> None:
         proxier_configs(options, cluster.nodes.get("node-a"), ()),
         name,
         source="198.51.100.7",
-        extras=explain_cli.service_extras(objects, name),
+        extras=service_extras(objects, name),
         problems=problems,
     )
     text = format_explanation(ex, Style(color=True, tables=True))
@@ -540,13 +535,13 @@ def test_namespace_forms() -> None:
 
 def test_service_extras_reads_selector_and_target_ports() -> None:
     objects = read_objects(GOLDEN / "endpoints.yaml")
-    extras = explain_cli.service_extras(objects, NamespacedName("shop", "wrong-port"))
+    extras = service_extras(objects, NamespacedName("shop", "wrong-port"))
     assert extras.selector == {"app": "web"}
     assert extras.target_ports == {("http", Protocol.TCP): "web", ("metrics", Protocol.TCP): "9090"}
     assert extras.absent_reason is None
-    manual = explain_cli.service_extras(objects, NamespacedName("shop", "manual"))
+    manual = service_extras(objects, NamespacedName("shop", "manual"))
     assert manual.selector == {}
-    assert explain_cli.service_extras(objects, NamespacedName("shop", "nope")).selector is None
+    assert service_extras(objects, NamespacedName("shop", "nope")).selector is None
 
 
 class _Response:
@@ -575,8 +570,16 @@ class _Api:
 def test_one_shot_list_pages_and_restores_kind() -> None:
     api = _Api(
         [
-            _Response(200, {"items": [{"metadata": {"name": "a"}}], "metadata": {"continue": "t"}}),
-            _Response(200, {"items": [{"metadata": {"name": "b"}}], "metadata": {}}),
+            _Response(
+                200,
+                {
+                    "items": [{"metadata": {"name": "a"}}],
+                    "metadata": {"resourceVersion": "7", "continue": "t"},
+                },
+            ),
+            _Response(
+                200, {"items": [{"metadata": {"name": "b"}}], "metadata": {"resourceVersion": "7"}}
+            ),
         ]
     )
     objects = explain_cli._list_path(api, "/api/v1/services", "Service", "x!=y")
@@ -585,12 +588,16 @@ def test_one_shot_list_pages_and_restores_kind() -> None:
         ("Service", "b"),
     ]
     assert api.calls == [
-        {"path": "/api/v1/services", "limit": "500", "labelSelector": "x!=y"},
-        {"path": "/api/v1/services", "limit": "500", "labelSelector": "x!=y", "continue": "t"},
+        {"path": "/api/v1/services", "limit": "5000", "labelSelector": "x!=y"},
+        {"path": "/api/v1/services", "limit": "5000", "labelSelector": "x!=y", "continue": "t"},
     ]
     forbidden = _Api([_Response(403, {"message": "nodes is forbidden"})])
     with pytest.raises(PyproxyError, match="HTTP 403"):
         explain_cli._list_path(forbidden, "/api/v1/nodes", "Node")
+    # Not a list (no metadata.resourceVersion): an error explain reports, not a traceback.
+    garbage = _Api([_Response(200, {"items": []})])
+    with pytest.raises(PyproxyError, match="malformed list response"):
+        explain_cli._list_path(garbage, "/api/v1/nodes", "Node")
 
 
 # --- drift -------------------------------------------------------------------------------

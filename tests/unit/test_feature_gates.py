@@ -9,7 +9,7 @@ LoadBalancerIPMode is GA and locked on (1.32).
 from __future__ import annotations
 
 import pytest
-from unit_support import (
+from support import (
     BASE_ARGS,
     EXTERNAL_CLIENT,
     TEST_NODE,
@@ -96,4 +96,3 @@ def test_node_hints_ignored_with_the_gate_off() -> None:
     rs = family_ruleset(render(_node_hinted(), args))
     # Zone hints then apply: both endpoints are hinted for zone-a.
     assert trace(rs, EXTERNAL_CLIENT, "172.30.0.41", 80).output == "10.1.2.3:80, 10.1.2.4:80"
-

@@ -19,7 +19,7 @@ import functools
 from dataclasses import dataclass, replace
 
 import pytest
-from unit_support import (
+from support import (
     EXTERNAL_CLIENT,
     EXTERNAL_CLIENT_BLOCKED,
     EXTERNAL_CLIENT_IPV6,

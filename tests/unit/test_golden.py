@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from unit_support import (
+from support import (
     GOLDEN_DIR,
     golden_args,
     load_objects,
@@ -36,8 +36,8 @@ from unit_support import (
     without_hooks,
 )
 
-from pyproxy.iptables.render import is_service_chain
 from pyproxy.iptables.tracer import Rule, check_jumps, parse_ruleset, sort_ruleset_text
+from pyproxy.iptables.vocabulary import is_service_chain
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
-from unit_support import GOLDEN_DIR
+from support import GOLDEN_DIR
 
 MANIFEST = GOLDEN_DIR / "REVIEWED"
 #: The expected outputs checked by tests/unit/test_golden.py, tests/unit/test_explain.py and
@@ -63,4 +63,3 @@ def test_every_golden_file_is_the_reviewed_content() -> None:
         " against the reference, then record it with .venv/bin/python hack/review_golden.py "
         + " ".join(f"tests/golden/{n}" for n in changed)
     )
-

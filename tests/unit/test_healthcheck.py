@@ -19,9 +19,9 @@ from pyproxy.healthcheck import (
     ProxyHealth,
     ServiceHealthServer,
     format_go_time,
-    parse_bind_address,
     service_health_body,
 )
+from pyproxy.httpserver import parse_bind_address
 from pyproxy.metrics import Metrics, MetricsServer
 from pyproxy.model import IPFamily, NamespacedName, Node
 

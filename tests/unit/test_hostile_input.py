@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from unit_support import (
+from support import (
     EXTERNAL_CLIENT,
     TEST_NODE,
     endpoint,

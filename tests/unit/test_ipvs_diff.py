@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pytest
-from unit_support import TEST_NODE, cluster_of, endpoint, endpoint_slice, port, service, slice_port
+from support import TEST_NODE, cluster_of, endpoint, endpoint_slice, port, service, slice_port
 
 from pyproxy.ipvs import ipsets
 from pyproxy.ipvs.diff import (
@@ -301,6 +301,69 @@ def test_cleanup_deletes_only_pyproxys_virtual_servers_of_the_family() -> None:
         DeleteVirtualServer(plan.by_key[WEB_KEY].server),
     )
     assert cleanup_operations(state, IPFamily.IPv6) == ()
+
+
+# --- --ipvs-exclude-cidrs ------------------------------------------------------------------------
+
+
+def two_services() -> tuple[dict[str, Any], ...]:
+    """web (10.96.0.10, outside the excluded CIDR) and kept (10.97.0.10, inside)."""
+    return (
+        *web(["10.0.2.1"]),
+        service("ns1", "kept", "10.97.0.10", [port("http", 80)]),
+        endpoint_slice("ns1", "kept", ["10.0.2.2"], [slice_port("http", 8080)]),
+    )
+
+
+EXCLUDED = (ipaddress.ip_network("10.97.0.0/16"),)
+KEPT_KEY = key("10.97.0.10", 80)
+
+
+def test_a_stale_virtual_server_of_ours_inside_an_excluded_cidr_is_never_deleted() -> None:
+    state = applied(make_plan(*two_services()))
+    assert owned_by_pyproxy(KEPT_KEY, state)  # so only the exclusion keeps it
+    d = diff(state, make_plan(), exclude_cidrs=EXCLUDED)
+    assert [op.virtual_server.key for op in ops_of(d, DeleteVirtualServer)] == [WEB_KEY]
+    # Its address is still unbound and its set members removed, as upstream.
+    assert {op.address for op in ops_of(d, UnbindAddress)} == {ip("10.96.0.10"), ip("10.97.0.10")}
+    assert "del KUBE-CLUSTER-IP 10.97.0.10,tcp:80" in ops_of(d, RestoreIpsets)[0].text
+    # The control: without the exclusion, both go.
+    plain = diff(state, make_plan())
+    assert {op.virtual_server.key for op in ops_of(plain, DeleteVirtualServer)} == {
+        WEB_KEY,
+        KEPT_KEY,
+    }
+
+
+def test_a_foreign_virtual_server_pyproxy_would_claim_survives_inside_an_excluded_cidr() -> None:
+    # A virtual server someone else made on an address bound on kube-ipvs0: the ownership rule
+    # claims it, the exclusion keeps it (and the other family's CIDRs change nothing).
+    plan = make_plan(*web(["10.0.2.1"]))
+    state = applied(plan)
+    servers = {**state.virtual_servers, KEPT_KEY: foreign("10.97.0.10", 80)}
+    state = KernelState(servers, state.bound_addresses | {ip("10.97.0.10")}, state.ipsets)
+    assert ops_of(diff(state, plan), DeleteVirtualServer) == [
+        DeleteVirtualServer(foreign("10.97.0.10", 80).server)
+    ]
+    for cidrs in (EXCLUDED, (ipaddress.ip_network("10.97.0.10/32"),)):
+        assert ops_of(diff(state, plan, exclude_cidrs=cidrs), DeleteVirtualServer) == []
+    v6_only = (ipaddress.ip_network("::/0"),)
+    assert len(ops_of(diff(state, plan, exclude_cidrs=v6_only), DeleteVirtualServer)) == 1
+
+
+def test_a_wanted_virtual_server_inside_an_excluded_cidr_is_still_programmed() -> None:
+    before = make_plan(*two_services())
+    after = make_plan(
+        *web(["10.0.2.1"]),
+        service("ns1", "kept", "10.97.0.10", [port("http", 80)], affinity=True),
+        endpoint_slice("ns1", "kept", ["10.0.2.3"], [slice_port("http", 8080)]),
+    )
+    d = diff(applied(before), after, exclude_cidrs=EXCLUDED)
+    assert ops_of(d, UpdateVirtualServer) == [UpdateVirtualServer(after.by_key[KEPT_KEY].server)]
+    assert [op.real_server.endpoint for op in ops_of(d, AddRealServer)] == ["10.0.2.3:8080"]
+    assert [op.real_server.endpoint for op in ops_of(d, DeleteRealServer)] == ["10.0.2.2:8080"]
+    new = diff(KernelState(), after, exclude_cidrs=EXCLUDED)
+    assert KEPT_KEY in {op.virtual_server.key for op in ops_of(new, AddVirtualServer)}
 
 
 # --- graceful termination -------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import difflib
 import os
 
 import pytest
-from unit_support import (
+from support import (
     BASE_ARGS,
     TEST_NODE,
     cluster_of,

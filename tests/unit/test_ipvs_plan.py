@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
-from unit_support import (
+from support import (
     NODE_IP,
     NODE_IP_ALT,
     TEST_NODE,

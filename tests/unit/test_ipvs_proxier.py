@@ -14,14 +14,17 @@ from types import TracebackType
 from typing import Any
 
 import pytest
-from unit_support import TEST_NODE, cluster_of, endpoint, endpoint_slice, port, service, slice_port
+from support import TEST_NODE, cluster_of, endpoint, endpoint_slice, port, service, slice_port
 
 from pyproxy import sysctl
+from pyproxy.cli import proxier_factory
 from pyproxy.errors import ConfigError, KernelError, RestoreError
 from pyproxy.ipvs.diff import CurrentRealServer, CurrentVirtualServer, KernelState
 from pyproxy.ipvs.ipsets import IpsetType, canonical_member, parse_save
+from pyproxy.ipvs.kernel import IpvsTimeouts
 from pyproxy.ipvs.plan import RealServer, VirtualServer, VirtualServerKey
 from pyproxy.ipvs.proxier import (
+    STRICT_ARP_SYSCTLS,
     SYSCTLS,
     IpvsProxier,
     cleanup,
@@ -30,6 +33,7 @@ from pyproxy.ipvs.proxier import (
 )
 from pyproxy.model import IPAddress, IPFamily, NamespacedName
 from pyproxy.model import Protocol as L4
+from pyproxy.options import parse_options
 from pyproxy.proxystate import ProxierConfig, ServicePortState, desired_state
 
 ip = ipaddress.ip_address
@@ -172,6 +176,9 @@ class FakeKernel:
         for name in names:
             self.sets.pop(name, None)
 
+    def set_timeouts(self, timeouts: IpvsTimeouts) -> None:
+        self._call("set_timeouts", timeouts)
+
     def writes(self) -> list[tuple[Any, ...]]:
         reads = {"open", "close", "ensure_dummy", "local_addresses", "read_state"}
         return [c for c in self.calls if c[0] not in reads]
@@ -256,9 +263,9 @@ def test_first_sync_programs_everything_in_the_safe_order() -> None:
     ]
     assert ("bind_address", "10.96.0.10") in kernel.calls
     assert result.full
-    assert result.virtual_servers == 2
-    assert result.real_servers == 4
-    assert result.operations == 9
+    assert result.details["virtual_servers"] == 2
+    assert result.details["real_servers"] == 4
+    assert result.details["operations"] == 9
     # A full sync inserts upstream's hooks (none exist yet) and the canary chain.
     (document,) = iptables.restored
     assert '-I INPUT 1 -m comment --comment "kubernetes ipvs access filter"' in document
@@ -276,7 +283,7 @@ def test_second_sync_with_the_same_state_writes_nothing() -> None:
     assert kernel.writes() == []
     assert len(iptables.restored) == 1
     assert not result.full
-    assert result.operations == 0
+    assert result.details["operations"] == 0
     assert result.restore_bytes == 0
 
 
@@ -405,9 +412,12 @@ def test_a_failing_ipset_restore_stops_before_iptables() -> None:
     assert "bind_address" not in [c[0] for c in kernel.calls]
 
 
-def test_unknown_scheduler_is_a_config_error() -> None:
+def test_unknown_scheduler_is_a_config_error_when_the_flags_are_parsed() -> None:
+    # Checked (and normalised) once, by parse_options; the proxier takes the result as it is.
     with pytest.raises(ConfigError, match="--ipvs-scheduler"):
-        IpvsProxier(CONFIG, FakeIptables(), scheduler="nope")
+        parse_options(["--ipvs-scheduler", "nope"])
+    assert parse_options(["--ipvs-scheduler", " wrr "]).ipvs_scheduler == "wrr"
+    assert parse_options(["--ipvs-scheduler", ""]).ipvs_scheduler == "rr"
 
 
 # --- graceful termination -------------------------------------------------------------------
@@ -429,7 +439,7 @@ def test_graceful_termination_with_an_injected_clock() -> None:
         ("update_real_server", "10.96.0.10:80/TCP", "10.0.2.1:8080", 0),
         ("delete_real_server", "192.168.0.2:30080/TCP", "10.0.2.1:8080"),
     ]
-    assert result.draining == 1
+    assert result.details["draining"] == 1
 
     # A minute later, still busy: nothing.
     clock.now += 60
@@ -443,7 +453,7 @@ def test_graceful_termination_with_an_injected_clock() -> None:
     kernel.calls.clear()
     result = p.sync(web("10.0.2.2"), changed=set())
     assert kernel.writes() == [("delete_real_server", "10.96.0.10:80/TCP", "10.0.2.1:8080")]
-    assert result.draining == 0
+    assert result.details["draining"] == 0
     assert p.draining == {}
 
 
@@ -506,6 +516,24 @@ def test_prepare_host_sets_upstreams_sysctls(
     # conn_reuse_mode=0 only on kernels between 4.1 and 5.9 (upstream).
     (root / "net/ipv4/vs/conn_reuse_mode").write_text("1\n")
     assert prepare_host(release=(5, 4, 0)) == ["net.ipv4.vs.conn_reuse_mode=0"]
+
+
+def test_strict_arp_sets_arp_ignore_and_arp_announce_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = [k for k, _ in (*SYSCTLS, *STRICT_ARP_SYSCTLS)]
+    root = _fake_proc(tmp_path, monkeypatch, dict.fromkeys(keys, "0"))
+    prepare_host(release=(6, 1, 0))
+    assert (root / "net/ipv4/conf/all/arp_ignore").read_text() == "0\n"
+    assert prepare_host(release=(6, 1, 0), strict_arp=True) == [
+        "net.ipv4.conf.all.arp_ignore=1",
+        "net.ipv4.conf.all.arp_announce=2",
+    ]
+    assert (root / "net/ipv4/conf/all/arp_ignore").read_text() == "1\n"
+    assert (root / "net/ipv4/conf/all/arp_announce").read_text() == "2\n"
+    # Upstream's EnsureSysctl: any other value is set back, even a "stricter" one.
+    (root / "net/ipv4/conf/all/arp_announce").write_text("1\n")
+    assert prepare_host(release=(6, 1, 0), strict_arp=True) == ["net.ipv4.conf.all.arp_announce=2"]
 
 
 def test_prepare_host_without_ip_vs_fails_with_the_reason(
@@ -628,3 +656,82 @@ def test_full_keyword_forces_a_full_sync_like_the_iptables_proxier() -> None:
     assert result.full
     assert len(iptables.restored) == 2
     assert ":KUBE-PROXY-CANARY" in iptables.restored[-1]
+
+
+# --- --ipvs-*-timeout, --ipvs-exclude-cidrs, and the flags reaching the proxier --------------
+
+
+def test_timeouts_are_set_once_on_the_first_sync_before_anything_else() -> None:
+    kernel = FakeKernel()
+    timeouts = IpvsTimeouts(tcp=900, tcp_fin=30, udp=45)
+    p = proxier(kernel, timeouts=timeouts)
+    p.sync(web("10.0.2.1"))
+    p.sync(web("10.0.2.1", "10.0.2.2"), {NamespacedName("ns1", "web")})
+    assert [c for c in kernel.calls if c[0] == "set_timeouts"] == [("set_timeouts", timeouts)]
+    assert kernel.writes()[0] == ("set_timeouts", timeouts)
+
+
+def test_timeouts_all_zero_leave_the_kernel_alone() -> None:
+    kernel = FakeKernel()
+    proxier(kernel).sync(web("10.0.2.1"))
+    proxier(kernel, timeouts=IpvsTimeouts.from_seconds(0.5, 0, 0.999)).sync(web("10.0.2.1"))
+    assert not [c for c in kernel.calls if c[0] == "set_timeouts"]
+
+
+def test_a_failure_to_set_the_timeouts_is_logged_and_the_sync_goes_on() -> None:
+    kernel = FakeKernel()
+    kernel.fail["set_timeouts"] = KernelError("set IPVS timeouts: [Errno 22] Invalid argument")
+    result = proxier(kernel, timeouts=IpvsTimeouts(tcp=1)).sync(web("10.0.2.1"))
+    assert result.details["virtual_servers"] == 2
+    assert ip("10.96.0.10") in kernel.bound
+
+
+def test_timeouts_are_whole_seconds_truncated_as_upstream() -> None:
+    assert IpvsTimeouts.from_seconds(90.9, 0.5, 3600) == IpvsTimeouts(90, 0, 3600)
+    assert IpvsTimeouts.from_seconds(2.0**40, 0, 0).tcp == 0xFFFFFFFF
+    assert not IpvsTimeouts()
+    assert IpvsTimeouts(udp=1)
+
+
+def test_excluded_stale_virtual_server_survives_a_sync() -> None:
+    kernel = FakeKernel()
+    both = states_of(
+        service("ns1", "web", "10.96.0.10", [port("http", 80)]),
+        endpoint_slice("ns1", "web", [endpoint("10.0.2.1", "other")], [slice_port("http", 8080)]),
+        service("ns1", "kept", "10.97.0.10", [port("http", 80)]),
+        endpoint_slice("ns1", "kept", [endpoint("10.0.2.2", "other")], [slice_port("http", 8080)]),
+    )
+    excluded = (ipaddress.ip_network("10.97.0.0/16"), ipaddress.ip_network("fd00:97::/64"))
+    p = proxier(kernel, exclude_cidrs=excluded)
+    assert p.exclude_cidrs == (ipaddress.ip_network("10.97.0.0/16"),)  # this family's only
+    p.sync(both)
+    p.sync({}, set(both))
+    assert {str(k) for k in kernel.servers} == {"10.97.0.10:80/TCP"}
+    assert ("delete_virtual_server", "10.96.0.10:80/TCP") in kernel.calls
+
+
+def test_the_flags_reach_the_proxier() -> None:
+    options = parse_options(
+        [
+            "--proxy-mode=ipvs",
+            "--ipvs-scheduler=wrr",
+            "--ipvs-exclude-cidrs=10.97.0.0/16, fd00:97::/64",
+            "--ipvs-strict-arp",
+            "--ipvs-tcp-timeout=15m",
+            "--ipvs-tcpfin-timeout=30s",
+            "--ipvs-udp-timeout=1m30.5s",
+        ]
+    )
+    p = proxier_factory(options, "nft")(CONFIG)
+    assert isinstance(p, IpvsProxier)
+    assert p.scheduler == "wrr"
+    assert p.exclude_cidrs == (ipaddress.ip_network("10.97.0.0/16"),)
+    assert p.strict_arp
+    assert p.timeouts == IpvsTimeouts(tcp=900, tcp_fin=30, udp=90)
+    default = proxier_factory(parse_options(["--proxy-mode=ipvs"]), "nft")(CONFIG)
+    assert isinstance(default, IpvsProxier)
+    assert (default.exclude_cidrs, default.strict_arp, default.timeouts) == (
+        (),
+        False,
+        IpvsTimeouts(),
+    )

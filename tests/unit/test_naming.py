@@ -16,14 +16,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyproxy.iptables.render import (
+from pyproxy.iptables.render import probability
+from pyproxy.iptables.vocabulary import (
     endpoint_chain,
     external_chain,
     firewall_chain,
     is_service_chain,
     local_chain,
     port_proto_hash,
-    probability,
     service_chain,
 )
 from pyproxy.model import Protocol, format_endpoint

@@ -14,15 +14,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from nft_tracer import TraceError, trace_packet
-from test_render import (  # iptables mode's independent oracle, shared on purpose
-    _in_ranges,
-    _oracle_cluster_ip,
-    _oracle_external_ip,
-    _oracle_lb_ip,
-    _oracle_node_port,
-)
-from unit_strategies import PortSpec, RandomState, random_states
-from unit_support import (
+from strategies import PortSpec, RandomState, random_states
+from support import (
     EXTERNAL_CLIENT,
     EXTERNAL_CLIENT_BLOCKED,
     EXTERNAL_CLIENT_IPV6,
@@ -39,6 +32,13 @@ from unit_support import (
     sections,
     service,
     slice_port,
+)
+from test_render import (  # iptables mode's independent oracle, shared on purpose
+    _in_ranges,
+    _oracle_cluster_ip,
+    _oracle_external_ip,
+    _oracle_lb_ip,
+    _oracle_node_port,
 )
 
 #: upstream NewFakeProxier (IPv4), nftables mode.

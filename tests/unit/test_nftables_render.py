@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from unit_support import (
+from support import (
     GOLDEN_DIR,
     endpoint,
     endpoint_slice,

@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Iterable
 
 import pytest
-from unit_support import cluster_of, endpoint_slice, port, service, slice_port
+from support import cluster_of, endpoint_slice, port, service, slice_port
 
 from pyproxy.errors import RestoreError
 from pyproxy.iptables.proxier import IptablesProxier

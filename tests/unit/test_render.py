@@ -14,8 +14,8 @@ import re
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from unit_strategies import EndpointSpec, PortSpec, RandomState, random_states
-from unit_support import (
+from strategies import EndpointSpec, PortSpec, RandomState, random_states
+from support import (
     BASE_ARGS,
     EXTERNAL_CLIENT,
     EXTERNAL_CLIENT_IPV6,
@@ -36,13 +36,9 @@ from unit_support import (
     without_hooks,
 )
 
-from pyproxy.iptables.render import (
-    JumpRule,
-    Ruleset,
-    jump_rules,
-    render_ruleset,
-)
+from pyproxy.iptables.render import Ruleset, render_ruleset
 from pyproxy.iptables.tracer import check_jumps, parse_ruleset
+from pyproxy.iptables.vocabulary import JumpRule, jump_rules
 from pyproxy.model import IPFamily
 from pyproxy.options import parse_options, proxier_configs
 from pyproxy.proxystate import ProxierConfig, desired_state

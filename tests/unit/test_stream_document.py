@@ -15,22 +15,20 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from unit_strategies import RandomState, random_states
-from unit_support import GOLDEN_DIR, cluster_of, golden_args, load_objects
+from strategies import RandomState, random_states
+from support import GOLDEN_DIR, cluster_of, golden_args, load_objects
 
 from pyproxy.iptables.render import (
     StreamedRuleset,
     assemble_ruleset,
     is_large_cluster,
-    jump_rules,
-    port_order,
     render_service_port,
-    service_order,
     stream_document,
 )
 from pyproxy.iptables.restore_text import parse_ruleset
+from pyproxy.iptables.vocabulary import jump_rules
 from pyproxy.options import parse_options, proxier_configs
-from pyproxy.proxystate import count_endpoints, desired_state
+from pyproxy.proxystate import count_endpoints, desired_state, port_order, service_order
 
 #: Chains an earlier sync left behind: deleted unless still active.
 STALE = ("KUBE-SVC-AAAAAAAAAAAAAAAA", "KUBE-SEP-BBBBBBBBBBBBBBBB", "NOT-OURS")

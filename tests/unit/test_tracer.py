@@ -25,7 +25,6 @@ from pyproxy.iptables.restore_text import (
     PortMatch,
     RecentMatch,
     Statistic,
-    split_words,
 )
 from pyproxy.iptables.tracer import (
     Rule,
@@ -40,6 +39,7 @@ from pyproxy.iptables.tracer import (
     sort_ruleset_text,
     trace_packet,
 )
+from pyproxy.iptables.vocabulary import split_words
 
 NODE_IP = "192.168.0.2"
 NODE_IPS = (NODE_IP, "192.168.1.2")

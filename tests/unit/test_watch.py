@@ -1,7 +1,8 @@
 """The list+watch layer against a scripted fake API server (stdlib http.server on 127.0.0.1).
 
 Each test scripts the server's answers per resource path (list pages, chunked watch streams with
-events and bookmarks, 410 Gone, 5xx, a connection dropped mid-stream) and checks what the
+events and bookmarks, 410 Gone, 5xx, a connection dropped mid-stream; and raw faults: a body cut
+or reset inside an event, garbage lines, HTML error pages, truncated JSON) and checks what the
 consumer saw, which requests were made (resourceVersion, continue, selectors) and which backoff
 delays were waited (the sleep is injected, so nothing here really waits for a backoff).
 """
@@ -14,19 +15,22 @@ import json
 import queue
 import select
 import socket
+import struct
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+import structlog
 import urllib3
 
 from pyproxy.errors import ConfigError
+from pyproxy.gcpause import gc_paused
 from pyproxy.sources.kube import (
     ENDPOINT_SLICES_PATH,
     NODES_PATH,
@@ -36,7 +40,7 @@ from pyproxy.sources.kube import (
     connect,
     load_configuration,
 )
-from pyproxy.sources.watch import ApiConnection, Backoff, BackoffPolicy, ListWatch, gc_paused
+from pyproxy.sources.watch import ApiConnection, Backoff, BackoffPolicy, ListWatch
 
 NO_JITTER = BackoffPolicy(initial=0.2, maximum=1.0, factor=2.0, jitter=0.0)
 PATH = "/api/v1/services"
@@ -61,7 +65,23 @@ class Stream:
     end: Literal["close", "drop", "hold"] = "hold"
 
 
-Reply = Json | Stream
+@dataclass
+class Raw:
+    """Bytes as a broken server, or a proxy in front of it, would send them: any status and
+    content type; the body as one chunk of a chunked stream, or whole with a Content-Length
+    (`declared` announces more than is sent) or, `declared=-1`, with none (the body ends when
+    the connection does); then a clean end, a cut (FIN, no terminating chunk) or a reset
+    (RST)."""
+
+    body: bytes
+    status: int = 200
+    content_type: str = "application/json"
+    chunked: bool = True
+    end: Literal["close", "cut", "reset"] = "close"
+    declared: int | None = None
+
+
+Reply = Json | Stream | Raw
 
 
 @dataclass
@@ -149,8 +169,40 @@ def make_handler(api: FakeApi) -> type[BaseHTTPRequestHandler]:
             reply = api.next_reply(request)
             if isinstance(reply, Json):
                 self.send_json(reply)
+            elif isinstance(reply, Raw):
+                self.send_raw(reply)
             else:
                 self.send_stream(reply)
+
+        def send_raw(self, reply: Raw) -> None:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", reply.content_type)
+            if reply.chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                declared = len(reply.body) if reply.declared is None else reply.declared
+                if declared >= 0:
+                    self.send_header("Content-Length", str(declared))
+            self.end_headers()
+            if reply.chunked and reply.body:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(reply.body), reply.body))
+            elif reply.body:
+                self.wfile.write(reply.body)
+            self.wfile.flush()
+            self.close_connection = True
+            if reply.end == "close":
+                if reply.chunked:
+                    self.wfile.write(b"0\r\n\r\n")
+            elif reply.end == "cut":
+                self.connection.shutdown(socket.SHUT_RDWR)
+            else:
+                # close() with a zero linger sends RST; the makefile()s hold the socket open.
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                self.rfile.close()
+                self.wfile.close()
+                self.connection.close()
 
         def send_json(self, reply: Json) -> None:
             data = json.dumps(reply.body).encode()
@@ -479,7 +531,7 @@ def test_gone_event_relists_and_replaces_the_whole_set(
         ("ADDED", "d"),
     ]
     lists = fake_api.requests_for(PATH, watch=False)
-    assert [r.params for r in lists] == [{"limit": "500"}, {"limit": "500"}]
+    assert [r.params for r in lists] == [{"limit": "5000"}, {"limit": "5000"}]
     watches = fake_api.requests_for(PATH, watch=True)
     assert [w.params["resourceVersion"] for w in watches] == ["5", "50"]
     assert sleeps.delays == [0.2]  # the relist backoff, reset by the event before the 410
@@ -595,6 +647,250 @@ def test_stop_interrupts_a_backoff_wait(recorder: Recorder) -> None:
     assert lw.stop(5.0)
     assert time.monotonic() - started < 1.0
     conn.close()
+
+
+# --- faults in what arrives: the stream cut, garbage, HTML, truncated JSON ----------------
+#
+# Each fault must end in: a log line naming the resource and the fault, no exception out of the
+# loop (the catch-all "failed unexpectedly" is not a handling), nothing wrong or partial handed
+# to the consumer, and the watch resumed from the last good resourceVersion.
+
+
+@pytest.fixture
+def logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """The structured log lines (ListWatches bind their logger when built: build them inside)."""
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+
+
+def warnings_for(logs: list[MutableMapping[str, Any]], text: str) -> list[MutableMapping[str, Any]]:
+    found = [e for e in logs if text in e["event"] and e.get("resource") == PATH]
+    assert not [e for e in logs if "unexpectedly" in e["event"]], logs
+    return found
+
+
+def line(event_: dict[str, Any]) -> bytes:
+    return json.dumps(event_).encode() + b"\n"
+
+
+@pytest.mark.parametrize("unframed", [False, True], ids=["chunked", "until-close"])
+@pytest.mark.parametrize("end", ["cut", "reset"])
+@pytest.mark.parametrize("cut_at", ["half", "before-newline"])
+def test_a_watch_cut_mid_event_applies_nothing_of_it_and_resumes(
+    fake_api: FakeApi,
+    conn: ApiConnection,
+    *,  # fixtures are passed by name; keyword-only keeps PLR0917 meaningful elsewhere
+    recorder: Recorder,
+    sleeps: Sleeps,
+    running: Any,
+    logs: list[MutableMapping[str, Any]],
+    end: Literal["cut", "reset"],
+    cut_at: str,
+    unframed: bool,
+) -> None:
+    """Cut inside an event, even just before its newline (the bytes then parse as a whole
+    event): the event is not applied from the broken stream but asked for again. Chunked, the
+    cut is an HTTP error; with no framing (a body that ends with the connection, as an HTTP/1.0
+    proxy sends it) only the missing newline tells."""
+    whole = line(event("ADDED", "c", "7"))
+    partial = whole[: len(whole) // 2] if cut_at == "half" else whole[:-1]
+    fake_api.on_list(PATH, page(["a"], "5"))
+    fake_api.on_watch(
+        PATH,
+        Raw(partial, end=end, chunked=not unframed, declared=-1 if unframed else None),
+        Stream([event("ADDED", "c", "7"), event("DELETED", "a", "8")]),
+    )
+    lw = running(list_watch(conn, recorder, sleeps))
+    assert recorder.wait_for(3) == [("replace", ["a"]), ("ADDED", "c"), ("DELETED", "a")]
+    wait_until(lambda: lw.resource_version == "8")
+    watches = fake_api.requests_for(PATH, watch=True)
+    assert [w.params["resourceVersion"] for w in watches] == ["5", "5"]
+    assert lw.lists == 1  # resumed, not relisted
+    assert sleeps.delays == [0.2]  # no event came through: the reconnect backs off
+    if end == "cut":
+        assert warnings_for(logs, "cut mid-event")
+    else:  # the reset may be seen before the bytes it follows
+        assert warnings_for(logs, "cut mid-event") or warnings_for(logs, "stream broken")
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"this is not json",
+        b'["a", "list"]',
+        b'{"type": "ADDED"}',
+        b'{"type": "ADDED", "object": "a string"}',
+        b'{"type": "MODIFIED", "object": {"kind": "Service"}}',
+        b'{"type": "DELETED", "object": {"metadata": ["not", "a", "map"]}}',
+        b'{"type": "BOOKMARK", "object": {"kind": "Service"}}',
+        b'{"type": "ERROR", "object": "gateway timeout"}',
+        b'{"object": {"metadata": {"name": "x", "resourceVersion": "7"}}}',
+    ],
+)
+def test_a_malformed_watch_line_is_not_applied_and_the_watch_resumes_before_it(
+    fake_api: FakeApi,
+    conn: ApiConnection,
+    *,  # fixtures are passed by name; keyword-only keeps PLR0917 meaningful elsewhere
+    recorder: Recorder,
+    sleeps: Sleeps,
+    running: Any,
+    logs: list[MutableMapping[str, Any]],
+    garbage: bytes,
+) -> None:
+    fake_api.on_list(PATH, page(["a"], "5"))
+    fake_api.on_watch(
+        PATH,
+        # The event after the garbage is never read from this stream: it comes again after it.
+        Raw(line(event("ADDED", "b", "6")) + garbage + b"\n" + line(event("ADDED", "c", "7"))),
+        Stream([event("ADDED", "c", "7")]),
+    )
+    lw = running(list_watch(conn, recorder, sleeps))
+    assert recorder.wait_for(3) == [("replace", ["a"]), ("ADDED", "b"), ("ADDED", "c")]
+    wait_until(lambda: lw.resource_version == "7")
+    watches = fake_api.requests_for(PATH, watch=True)
+    assert [w.params["resourceVersion"] for w in watches] == ["5", "6"]
+    assert lw.lists == 1  # a garbled event is not the consumer's failure: no relist
+    assert sleeps.delays == []  # an event came before the garbage: progress, resume at once
+    (warning,) = warnings_for(logs, "malformed watch event")
+    assert warning["resource_version"] == "6"
+    assert garbage[:20].decode() in warning["line"]
+
+
+def test_unknown_event_types_bookmarks_and_error_events(
+    fake_api: FakeApi,
+    conn: ApiConnection,
+    *,  # fixtures are passed by name; keyword-only keeps PLR0917 meaningful elsewhere
+    recorder: Recorder,
+    sleeps: Sleeps,
+    running: Any,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    fake_api.on_list(PATH, page(["a"], "5"))
+    fake_api.on_watch(
+        PATH,
+        Stream(
+            [
+                event("ADDED", "b", "6"),
+                {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": ""}}},
+                {"type": "SURPRISE", "object": obj("x", "7")},  # skipped, its version kept
+                {"type": "SURPRISE", "object": {}},
+                event("MODIFIED", "a", "8"),
+            ],
+            end="close",
+        ),
+        Stream([{"type": "ERROR", "object": status_body(500, "etcd leader changed")}], "close"),
+        Stream([{"type": "ERROR", "object": {"code": "weird"}}], end="close"),
+        Stream([event("DELETED", "b", "9")]),
+    )
+    lw = running(list_watch(conn, recorder, sleeps))
+    assert recorder.wait_for(4) == [
+        ("replace", ["a"]),
+        ("ADDED", "b"),
+        ("MODIFIED", "a"),
+        ("DELETED", "b"),
+    ]
+    wait_until(lambda: lw.resource_version == "9")
+    watches = fake_api.requests_for(PATH, watch=True)
+    assert [w.params["resourceVersion"] for w in watches] == ["5", "8", "8", "8"]
+    assert sleeps.delays == [0.2, 0.4]  # the two error events: no progress, back off
+    assert lw.lists == 1
+    unknown = warnings_for(logs, "unknown watch event type")
+    assert [e["event_type"] for e in unknown] == ["'SURPRISE'", "'SURPRISE'"]
+    errors = warnings_for(logs, "watch error event")
+    assert [e["error"] for e in errors] == [
+        "ERROR event 500: etcd leader changed",
+        "ERROR event weird: ",
+    ]
+
+
+HTML_502 = (
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n"
+    b"<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body>\r\n"
+    b"</html>\r\n"
+)
+
+
+def test_an_html_error_page_on_list_and_watch_is_retried(
+    fake_api: FakeApi,
+    conn: ApiConnection,
+    *,  # fixtures are passed by name; keyword-only keeps PLR0917 meaningful elsewhere
+    recorder: Recorder,
+    sleeps: Sleeps,
+    running: Any,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """A proxy in front of the API server answers with its own HTML: as an error status, and
+    (a captive portal, a misrouted request) as a 200."""
+    html = {"content_type": "text/html", "chunked": False}
+    fake_api.on_list(
+        PATH, Raw(HTML_502, status=502, **html), Raw(HTML_502, **html), page(["a"], "5")
+    )
+    fake_api.on_watch(
+        PATH,
+        Raw(HTML_502, status=502, **html),
+        Raw(HTML_502, content_type="text/html"),  # a 200, chunked: read as lines
+        Stream([event("ADDED", "b", "6")]),
+    )
+    lw = running(list_watch(conn, recorder, sleeps))
+    assert recorder.wait_for(2) == [("replace", ["a"]), ("ADDED", "b")]
+    # Once the last stream has ended the watch goes on (from "6"), and what it does next may
+    # already have happened; and a pooled connection the fake closed after an unframed body
+    # can cost one more failed attempt (and backoff step) before the next answer. So only
+    # what led up to the event is asserted, in order.
+    watches = fake_api.requests_for(PATH, watch=True)
+    assert [w.params["resourceVersion"] for w in watches][:3] == ["5", "5", "5"]
+    assert sleeps.delays[:2] == [0.2, 0.4]  # backing off, not spinning
+    assert lw.lists == 1
+    failed = warnings_for(logs, "API request failed")
+    actions = [e["action"] for e in failed]
+    assert actions[:2] == ["list", "list"]
+    assert "watch" in actions
+    errors = [e["error"] for e in failed]
+    assert "HTTP 502: <html>" in errors[0]
+    assert any("malformed list response" in e for e in errors if e)
+    assert any("502 Bad Gateway" in e for e, a in zip(errors, actions, strict=True) if a == "watch")
+    assert warnings_for(logs, "malformed watch event")
+
+
+def test_a_truncated_list_never_reaches_the_consumer(
+    fake_api: FakeApi,
+    conn: ApiConnection,
+    *,  # fixtures are passed by name; keyword-only keeps PLR0917 meaningful elsewhere
+    recorder: Recorder,
+    sleeps: Sleeps,
+    running: Any,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """A relist (after 410) whose second page breaks: the consumer keeps what it had (a partial
+    replace would delete b) until a whole list has arrived."""
+    second = json.dumps(page(["b", "c"], "50").body).encode()
+    fake_api.on_list(
+        PATH,
+        page(["a", "b"], "5"),
+        page(["a"], "50", cont="p2"),
+        Raw(second[: len(second) // 2], chunked=False, end="cut", declared=len(second)),
+        page(["a"], "50", cont="p2"),
+        Raw(second[: len(second) // 2], chunked=False),  # a whole body, of truncated JSON
+        page(["a"], "50", cont="p2"),
+        Json({"kind": "ServiceList", "metadata": {"resourceVersion": "50"}, "items": {"b": 1}}),
+        page(["a"], "50", cont="p2"),
+        page(["b", "c"], "50"),
+    )
+    fake_api.on_watch(PATH, Stream([gone()], end="close"), Stream([event("ADDED", "d", "51")]))
+    lw = running(list_watch(conn, recorder, sleeps))
+    assert recorder.wait_for(3) == [
+        ("replace", ["a", "b"]),
+        ("replace", ["a", "b", "c"]),
+        ("ADDED", "d"),
+    ]
+    lists = fake_api.requests_for(PATH, watch=False)
+    assert [r.params.get("continue") for r in lists] == [None] + [None, "p2"] * 4
+    assert lw.lists == 2
+    failed = warnings_for(logs, "API request failed")
+    assert [e["action"] for e in failed] == ["list"] * 3
+    assert "ProtocolError" in failed[0]["error"]
+    assert "malformed list response" in failed[1]["error"]
+    assert "malformed list response" in failed[2]["error"]
 
 
 # --- KubeSource: three ListWatches, one consumer ------------------------------------------

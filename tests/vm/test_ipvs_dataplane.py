@@ -37,8 +37,9 @@ from netlab.fixtures import cluster_fixture
 from pyproxy.convert import state_from_objects
 from pyproxy.iptables.restore import Iptables
 from pyproxy.ipvs.diff import DeleteRealServer, DrainRealServer
-from pyproxy.ipvs.proxier import IpvsProxier, IpvsSyncResult, cleanup
+from pyproxy.ipvs.proxier import IpvsProxier, cleanup
 from pyproxy.model import IPFamily, NamespacedName
+from pyproxy.proxier import SyncResult
 from pyproxy.proxystate import ProxierConfig, desired_state
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("ip_vs")]
@@ -202,7 +203,7 @@ class NodeProxy:
 
     def sync(
         self, objects: Sequence[Obj], changed: set[NamespacedName] | None = None
-    ) -> dict[IPFamily, IpvsSyncResult]:
+    ) -> dict[IPFamily, SyncResult]:
         cluster, problems = state_from_objects(objects)
         assert problems == [], [str(p) for p in problems]
         results = {}
@@ -479,10 +480,11 @@ def test_running_sync_twice_changes_nothing(fresh_cluster: Cluster) -> None:
     first = snapshot(node)
     # The same proxier again: nothing at all to do.
     results = proxy.sync(BASE, set())
-    assert all(r.operations == 0 for r in results.values()), results
+    assert all(r.details["operations"] == 0 for r in results.values()), results
     # A new proxier (as `pyproxy --once` twice): a full sync rewrites only the iptables rules.
     results = NodeProxy(node, families=DUAL).sync(BASE)
-    assert {f: r.operations for f, r in results.items()} == {IPFamily.IPv4: 1, IPFamily.IPv6: 1}
+    operations = {f: r.details["operations"] for f, r in results.items()}
+    assert operations == {IPFamily.IPv4: 1, IPFamily.IPv6: 1}
     assert snapshot(node) == first
 
 

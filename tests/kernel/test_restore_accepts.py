@@ -14,11 +14,12 @@ from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from unit_netns import BACKENDS, netns, run_in, tool
-from unit_strategies import RandomState, random_states
-from unit_support import GOLDEN_DIR, cluster_of, golden_args, load_objects
+from kernel_netns import BACKENDS, netns, run_in, tool
+from strategies import RandomState, random_states
+from support import GOLDEN_DIR, cluster_of, golden_args, load_objects
 
-from pyproxy.iptables.render import jump_rules, render_ruleset
+from pyproxy.iptables.render import render_ruleset
+from pyproxy.iptables.vocabulary import jump_rules
 from pyproxy.options import parse_options, proxier_configs
 from pyproxy.proxystate import desired_state
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hypothesis import strategies as st
-from unit_support import NODE_IP, NODE_IPV6, TEST_NODE
+from support import NODE_IP, NODE_IPV6, TEST_NODE
 
 PORT_NAMES = ("p80", "dns", "web")
 PROTOCOLS = ("TCP", "UDP", "SCTP")

@@ -1,4 +1,5 @@
-"""Shared helpers for the unit tier: API-object builders, rendering, golden files, tracing.
+"""Shared test helpers (unit and kernel tiers): API-object builders, rendering, golden files,
+tracing.
 
 The builders mirror upstream's `makeTestService` / `makeTestEndpointSlice` (proxier_test.go):
 they return plain decoded-JSON dicts, so every test also goes through `pyproxy.convert`, the
@@ -16,11 +17,15 @@ from typing import Any
 
 from pyproxy.cli import dry_run
 from pyproxy.convert import state_from_objects
+from pyproxy.iptables.render import Ruleset as RenderedRuleset
+from pyproxy.iptables.render import render_ruleset
 from pyproxy.iptables.tracer import Ruleset, Trace, parse_ruleset, trace_packet
-from pyproxy.model import ClusterState
-from pyproxy.options import parse_options
+from pyproxy.iptables.vocabulary import JumpRule, jump_rules
+from pyproxy.model import ClusterState, IPFamily
+from pyproxy.options import parse_options, proxier_configs
+from pyproxy.proxystate import ProxierConfig, desired_state
 
-GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 
 TEST_NODE = "test-node"
 NODE_IP = "192.168.0.2"
@@ -287,3 +292,22 @@ def load_objects(state_path: Path) -> list[Mapping[str, Any]]:
 
 def update_golden_requested() -> bool:
     return os.environ.get("UPDATE_GOLDEN") == "1"
+
+
+def render_overall(
+    exclude_namespaces: frozenset[str] = frozenset(),
+) -> tuple[RenderedRuleset, ProxierConfig]:
+    """tests/golden/overall.yaml rendered for its node (IPv4), without the given namespaces."""
+    overall = GOLDEN_DIR / "overall.yaml"
+    objects = [
+        o for o in load_objects(overall) if o["metadata"]["namespace"] not in exclude_namespaces
+    ]
+    options = parse_options(["--dry-run", *golden_args(overall)])
+    (config,) = proxier_configs(options, None, ())
+    ports = [p for ports in desired_state(cluster_of(objects), config).values() for p in ports]
+    return render_ruleset(ports, config), config
+
+
+def all_hooks() -> tuple[JumpRule, ...]:
+    """Every hook pyproxy may install (as `pyproxy --cleanup` computes them)."""
+    return jump_rules(ProxierConfig(family=IPFamily.IPv4, node_name="", localhost_nodeports=True))

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from unit_netns import netns, run_in
-from unit_strategies import RandomState, random_states
-from unit_support import GOLDEN_DIR, golden_args, load_objects, render, sections
+from kernel_netns import netns, run_in
+from strategies import RandomState, random_states
+from support import GOLDEN_DIR, golden_args, load_objects, render, sections
 
 pytestmark = pytest.mark.kernel
 
