@@ -24,6 +24,10 @@
 #   hack/build-control-plane.sh                 build if needed; print where the binaries are
 #   hack/build-control-plane.sh --print-bin-dir print the directory holding all the binaries
 #                                               (never builds; exits 1 if they are missing)
+#   hack/build-control-plane.sh --with-node [...]  the same, and also kubelet, kubeadm,
+#                                               kube-scheduler and agnhost (for kind nodes)
+#   hack/build-control-plane.sh --with-e2e [...]   the same, and also upstream's e2e.test
+#                                               (sig-network specs) and ginkgo
 set -euo pipefail
 
 K8S_VERSION=v1.34.4
@@ -34,13 +38,26 @@ BIN_DIR="$CACHE_ROOT/$K8S_VERSION/bin"
 ETCD_BIN_DIR="$CACHE_ROOT/etcd-$ETCD_VERSION/bin"
 K8S_BINARIES=(kube-apiserver kube-controller-manager kube-proxy kubectl)
 ALL_BINARIES=("${K8S_BINARIES[@]}" etcd)
+# With --with-node, also what a kind node and its tests run (hack/kind-offline.sh):
+# the node agent, kubeadm, the scheduler, and agnhost (upstream's e2e test server,
+# test/images/agnhost). Built from a second helper module, so the first one's
+# dependency set, which the other tiers use, stays as it is.
+NODE_PACKAGES=(cmd/kubelet cmd/kubeadm cmd/kube-scheduler test/images/agnhost)
+NODE_BINARIES=(kubelet kubeadm kube-scheduler agnhost)
+# With --with-e2e, also upstream's e2e.test (the sig-network specs only; the test
+# package is hack/kind/e2e/e2e_test.go, compiled with `go test -c`) and the ginkgo CLI
+# at the version kubernetes requires. The release's test tarball is on dl.k8s.io,
+# which CI cannot reach.
+E2E_PACKAGES=(github.com/onsi/ginkgo/v2/ginkgo)
+E2E_BINARIES=(e2e.test ginkgo)
+E2E_TEST_SOURCE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/kind/e2e/e2e_test.go"
 
 log() { printf '[build-control-plane] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 all_built() {
     local b
-    for b in "${ALL_BINARIES[@]}"; do
+    for b in "${ALL_BINARIES[@]}" "${WANTED_NODE_BINARIES[@]}" "${WANTED_E2E_BINARIES[@]}"; do
         [[ -x "$BIN_DIR/$b" ]] || return 1
     done
 }
@@ -67,8 +84,21 @@ write_module() {
     } >"$dir/go.mod"
 }
 
+# full_package PKG: PKG as an import path (paths without a domain are in k8s.io/kubernetes).
+full_package() {
+    case "${1%%/*}" in
+        *.*) echo "$1" ;;
+        *) echo "k8s.io/kubernetes/$1" ;;
+    esac
+}
+
+# build_kubernetes MODULE_SUFFIX PACKAGE...: build PACKAGE... (paths inside
+# k8s.io/kubernetes) from the helper module src/kubernetes<MODULE_SUFFIX>-<version>.
 build_kubernetes() {
-    local src="$CACHE_ROOT/src/kubernetes-$K8S_VERSION"
+    local suffix=$1
+    shift
+    local packages=("$@")
+    local src="$CACHE_ROOT/src/kubernetes$suffix-$K8S_VERSION"
     local minor_version="v0.${K8S_VERSION#v1.}"
     local k8s_gomod staging build_list leftovers started
     started=$SECONDS
@@ -93,11 +123,16 @@ build_kubernetes() {
             printf '\t%s v0.0.0 => %s %s\n' "$m" "$m" "$minor_version"
         done
         printf ')\n\ntool (\n'
-        for m in "${K8S_BINARIES[@]}"; do
-            printf '\tk8s.io/kubernetes/cmd/%s\n' "$m"
+        for m in "${packages[@]}"; do
+            printf '\t%s\n' "$(full_package "$m")"
         done
         printf ')\n'
-    } | write_module "$src" pyproxy.local/control-plane/kubernetes 1.24.0
+    } | write_module "$src" "pyproxy.local/control-plane/kubernetes$suffix" 1.24.0
+    if [[ "$suffix" == -e2e ]]; then
+        # A test package of the helper module itself: `go mod tidy` resolves its imports.
+        mkdir -p "$src/e2e"
+        cp "$E2E_TEST_SOURCE" "$src/e2e/e2e_test.go"
+    fi
 
     log "go mod tidy (downloads the modules on a cold cache)"
     (cd "$src" && "$GO" mod tidy)
@@ -113,14 +148,19 @@ build_kubernetes() {
     ldflags+=" -X $pkg.gitMajor=1 -X $pkg.gitMinor=$(cut -d. -f2 <<<"$K8S_VERSION")"
     local stage="$src/out"
     mkdir -p "$stage"
-    log "building ${K8S_BINARIES[*]} (the slow part: 10-25 minutes cold on 2 cores)"
+    log "building ${packages[*]} (the slow part: 10-25 minutes cold on 2 cores)"
     local pkgs=()
-    for m in "${K8S_BINARIES[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$m"); done
+    for m in "${packages[@]}"; do pkgs+=("$(full_package "$m")"); done
     (cd "$src" && "$GO" build -p 2 -trimpath -ldflags="$ldflags" -o "$stage/" "${pkgs[@]}")
     mkdir -p "$BIN_DIR"
-    for m in "${K8S_BINARIES[@]}"; do
-        mv -f "$stage/$m" "$BIN_DIR/$m"
+    for m in "${packages[@]}"; do
+        mv -f "$stage/${m##*/}" "$BIN_DIR/${m##*/}"
     done
+    if [[ "$suffix" == -e2e ]]; then
+        log "building e2e.test (go test -c of the sig-network specs)"
+        (cd "$src" && "$GO" test -c -p 2 -trimpath -ldflags="$ldflags" -o "$stage/e2e.test" ./e2e)
+        mv -f "$stage/e2e.test" "$BIN_DIR/e2e.test"
+    fi
     log "kubernetes binaries built in $((SECONDS - started))s"
 }
 
@@ -140,13 +180,23 @@ build_etcd() {
 }
 
 main() {
+    WANTED_NODE_BINARIES=()
+    WANTED_E2E_BINARIES=()
+    while [[ "${1:-}" == --with-* ]]; do
+        case "$1" in
+            --with-node) WANTED_NODE_BINARIES=("${NODE_BINARIES[@]}") ;;
+            --with-e2e) WANTED_E2E_BINARIES=("${E2E_BINARIES[@]}") ;;
+            *) die "unknown option $1" ;;
+        esac
+        shift
+    done
     case "${1:-}" in
         --print-bin-dir)
             all_built || die "control plane not built in $BIN_DIR; run hack/build-control-plane.sh"
             echo "$BIN_DIR"
             return ;;
         "") ;;
-        *) die "usage: $0 [--print-bin-dir]" ;;
+        *) die "usage: $0 [--with-node] [--with-e2e] [--print-bin-dir]" ;;
     esac
 
     if all_built; then
@@ -172,9 +222,23 @@ main() {
 
     local started=$SECONDS b
     [[ -x "$ETCD_BIN_DIR/etcd" ]] || build_etcd
+    local cmd_packages=()
+    for b in "${K8S_BINARIES[@]}"; do cmd_packages+=("cmd/$b"); done
     for b in "${K8S_BINARIES[@]}"; do
         if [[ ! -x "$BIN_DIR/$b" ]]; then
-            build_kubernetes
+            build_kubernetes "" "${cmd_packages[@]}"
+            break
+        fi
+    done
+    for b in "${WANTED_NODE_BINARIES[@]}"; do
+        if [[ ! -x "$BIN_DIR/$b" ]]; then
+            build_kubernetes -node "${NODE_PACKAGES[@]}"
+            break
+        fi
+    done
+    for b in "${WANTED_E2E_BINARIES[@]}"; do
+        if [[ ! -x "$BIN_DIR/$b" ]]; then
+            build_kubernetes -e2e "${E2E_PACKAGES[@]}"
             break
         fi
     done

@@ -31,6 +31,20 @@
 #      (contrast for 6: the backend does not see the calling node's IP)
 #   9. a Service without endpoints is refused at once (curl exit 7, connection
 #      refused), not left to time out (exit 28)
+#  10. UDP ClusterIP spreads over several backends (one new flow per request)
+#  11. internalTrafficPolicy Local: a pod on the node with the endpoint is
+#      answered by it; a pod on a node without one is dropped (curl exit 28)
+#  12. LoadBalancer: status.loadBalancer.ingress patched the way a cloud
+#      controller would (kubectl patch --subresource=status), reached from two
+#      containers on the kind network (outside the pod network, routing the
+#      load-balancer IP to a node): loadBalancerSourceRanges admits one and drops
+#      the other (iptables mode)
+#  13. a rolling update (kubectl rollout restart) of a 3-replica backend while a
+#      client sends requests continuously: zero failed requests, and pods of the
+#      new ReplicaSet answer before the end (terminating endpoints are not sent
+#      new connections; netexec --delay-shutdown keeps old pods serving meanwhile)
+#  14. a Service created now is answered (the time it took is printed; the
+#      bound is retry_until's, about 30 s)
 #
 # Environment: CLUSTER_NAME (default pyproxy), KEEP=1, TIMEOUT (default 180s).
 set -euo pipefail
@@ -38,7 +52,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/kind-lib.sh"
 
 NS=pyproxy-e2e
-AGNHOST=registry.k8s.io/e2e-test-images/agnhost:2.52
+# The tag upstream's v1.34.4 e2e tests use (test/utils/image/manifest.go).
+AGNHOST=registry.k8s.io/e2e-test-images/agnhost:2.56
 TIMEOUT="${TIMEOUT:-180s}"
 CURL=(curl -sS --connect-timeout 3 --max-time 5)
 
@@ -73,7 +88,9 @@ say "pyproxy proxy mode (ConfigMap pyproxy-config): ${PROXY_MODE:-unknown}"
 say "recreating namespace $NS"
 kc delete namespace "$NS" --ignore-not-found --wait=true --timeout "$TIMEOUT"
 kc create namespace "$NS"
+LB_CLIENTS=(pyproxy-e2e-lb-allowed pyproxy-e2e-lb-denied)
 cleanup() {
+    docker rm -f "${LB_CLIENTS[@]}" >/dev/null 2>&1 || true
     if [[ "${KEEP:-0}" == 1 ]]; then
         say "KEEP=1: leaving namespace $NS in place (delete it with: kubectl --context $KIND_CONTEXT delete namespace $NS)"
     else
@@ -241,11 +258,75 @@ spec:
   selector: {app: nothing-has-this-label}
   ports:
     - {name: http, port: 80, targetPort: 8080, protocol: TCP}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: itp-local
+spec:
+  internalTrafficPolicy: Local
+  selector: {app: local-backend}
+  ports:
+    - {name: http, port: 80, targetPort: 8080, protocol: TCP}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: lb
+spec:
+  type: LoadBalancer
+  allocateLoadBalancerNodePorts: true
+  selector: {app: backend}
+  ports:
+    - {name: http, port: 80, targetPort: 8080, protocol: TCP}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: rolling
+spec:
+  replicas: 3
+  strategy:
+    rollingUpdate: {maxSurge: 1, maxUnavailable: 0}
+  selector:
+    matchLabels: {app: rolling}
+  template:
+    metadata:
+      labels: {app: rolling}
+    spec:
+      # netexec keeps serving for 10 s after SIGTERM: the time the service proxies
+      # need to stop sending it new connections once its endpoint is terminating.
+      terminationGracePeriodSeconds: 30
+      affinity:
+        nodeAffinity:
+          requiredDuringSchedulingIgnoredDuringExecution:
+            nodeSelectorTerms:
+              - matchExpressions:
+                  - {key: node-role.kubernetes.io/control-plane, operator: DoesNotExist}
+      containers:
+        - name: netexec
+          image: ${AGNHOST}
+          args: [netexec, --http-port=8080, --delay-shutdown=10]
+          ports:
+            - {containerPort: 8080, protocol: TCP}
+          readinessProbe:
+            httpGet: {path: /readyz, port: 8080}
+            periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: rolling
+spec:
+  selector: {app: rolling}
+  ports:
+    - {name: http, port: 80, targetPort: 8080, protocol: TCP}
 YAML
 
 say "waiting for the backends and clients (timeout $TIMEOUT)"
 kc -n "$NS" rollout status deployment/backend --timeout "$TIMEOUT"
 kc -n "$NS" rollout status deployment/local-backend --timeout "$TIMEOUT"
+kc -n "$NS" rollout status deployment/rolling --timeout "$TIMEOUT"
 kc -n "$NS" wait --for=condition=Ready pod -l role=client --timeout "$TIMEOUT"
 
 BACKENDS="$(kcq -n "$NS" get pods -l app=backend -o jsonpath='{.items[*].metadata.name}')"
@@ -257,6 +338,8 @@ CLUSTERIP="$(svc_ip clusterip)"
 AFFINITY_IP="$(svc_ip affinity)"
 NOEP_IP="$(svc_ip noendpoints)"
 NODEPORT="$(node_port nodeport)"
+ITP_IP="$(svc_ip itp-local)"
+ROLLING_IP="$(svc_ip rolling)"
 LOCAL_NODEPORT="$(node_port local)"
 say "backends: $BACKENDS; local backend: $LOCAL_BACKEND on $W1"
 say "ClusterIPs: clusterip $CLUSTERIP, affinity $AFFINITY_IP, noendpoints $NOEP_IP; NodePorts: nodeport $NODEPORT, local $LOCAL_NODEPORT"
@@ -462,6 +545,132 @@ elif [[ "$rc" == 28 ]]; then
     fail "$name" "timed out (exit 28): the packet was dropped or unanswered instead of rejected"
 else
     fail "$name" "curl exit $rc: $out"
+fi
+
+# 10. UDP spread: every `nc -u` is a new flow (new source port), balanced anew.
+name="UDP ClusterIP $CLUSTERIP:81 spreads over several backends"
+# shellcheck disable=SC2016  # expanded by the pod's sh
+answers="$(in_pod client-w1 sh -c 'i=0; while [ "$i" -lt 20 ]; do i=$((i + 1)); echo hostname | nc -u -w 1 "$1" "$2"; echo; done' sh "$CLUSTERIP" 81 | grep -v '^$')" || true
+ndistinct="$(printf '%s\n' "$answers" | sort -u | grep -c . || true)"
+nanswers="$(printf '%s\n' "$answers" | grep -c . || true)"
+unexpected=""
+while IFS= read -r a; do
+    [[ -z "$a" ]] || is_one_of "$a" "$BACKENDS" || unexpected="$unexpected $a"
+done <<<"$answers"
+if [[ -n "$unexpected" ]]; then
+    fail "$name" "answers that are not backend pods:$unexpected"
+elif ((ndistinct >= 2)); then
+    pass "$name" "$nanswers answers from $ndistinct distinct backends in 20 flows"
+else
+    fail "$name" "$nanswers answers from only $ndistinct distinct backend(s) in 20 flows"
+fi
+
+# 11. internalTrafficPolicy Local: only the node's own endpoints; none, no service.
+name="internalTrafficPolicy Local: client-w1 ($W1, has the endpoint) is answered by it"
+rc=0
+out="$(retry_until 0 in_pod client-w1 "${CURL[@]}" "http://$ITP_IP/hostname")" || rc=$?
+if [[ "$rc" == 0 && "$out" == "$LOCAL_BACKEND" ]]; then
+    pass "$name" "answered by $out"
+else
+    fail "$name" "curl exit $rc: '$out', expected $LOCAL_BACKEND"
+fi
+name="internalTrafficPolicy Local: client-w2 ($W2, no local endpoint) is dropped (curl exit 28)"
+rc=0
+out="$(retry_until 28 in_pod client-w2 "${CURL[@]}" "http://$ITP_IP/hostname")" || rc=$?
+if [[ "$rc" == 28 ]]; then
+    pass "$name" "timed out: dropped"
+else
+    fail "$name" "curl exit $rc: $out"
+fi
+
+# 12. LoadBalancer with source ranges, from outside the pod network.
+name="LoadBalancer: loadBalancerSourceRanges admits one outside client and drops another"
+kind_subnet="$(docker network inspect kind --format '{{range .IPAM.Config}}{{.Subnet}} {{end}}' | tr ' ' '\n' | grep -v : | head -n1)"
+# An unused address inside the kind network: traffic to it never leaves the
+# engine's networks, even if no rule catches it.
+LB_IP="$(python3 -c 'import ipaddress, sys; print(ipaddress.ip_network(sys.argv[1])[-6])' "$kind_subnet")"
+docker rm -f "${LB_CLIENTS[@]}" >/dev/null 2>&1 || true
+for c in "${LB_CLIENTS[@]}"; do
+    docker run -d --name "$c" --network kind --cap-add NET_ADMIN "$AGNHOST" pause >/dev/null
+    docker exec "$c" ip route add "$LB_IP/32" via "$W1_IP"
+done
+ALLOWED_IP="$(docker inspect "${LB_CLIENTS[0]}" --format '{{.NetworkSettings.Networks.kind.IPAddress}}')"
+DENIED_IP="$(docker inspect "${LB_CLIENTS[1]}" --format '{{.NetworkSettings.Networks.kind.IPAddress}}')"
+kc -n "$NS" patch service lb --type merge -p "{\"spec\": {\"loadBalancerSourceRanges\": [\"$ALLOWED_IP/32\"]}}" >/dev/null
+kc -n "$NS" patch service lb --subresource=status --type merge \
+    -p "{\"status\": {\"loadBalancer\": {\"ingress\": [{\"ip\": \"$LB_IP\"}]}}}" >/dev/null
+say "load balancer $LB_IP (routed via $W1_IP); allowed client $ALLOWED_IP, other client $DENIED_IP"
+rc=0
+out="$(retry_until 0 docker exec "${LB_CLIENTS[0]}" "${CURL[@]}" "http://$LB_IP/hostname")" || rc=$?
+if [[ "$rc" != 0 ]] || ! is_one_of "$out" "$BACKENDS"; then
+    fail "$name" "allowed client $ALLOWED_IP: curl exit $rc: $out"
+elif [[ "$PROXY_MODE" != iptables ]]; then
+    printf 'SKIP  %s: the drop half only in iptables mode (this cluster: %s)\n' "$name" "$PROXY_MODE"
+else
+    rc=0
+    denied="$(retry_until 28 docker exec "${LB_CLIENTS[1]}" "${CURL[@]}" "http://$LB_IP/hostname")" || rc=$?
+    if [[ "$rc" == 28 ]]; then
+        pass "$name" "$ALLOWED_IP answered by $out; $DENIED_IP timed out (dropped)"
+    else
+        fail "$name" "client $DENIED_IP outside the ranges: curl exit $rc: $denied"
+    fi
+fi
+
+# 13. Rolling update under constant load.
+name="rolling update of deployment/rolling under constant load: zero failed requests"
+old_pods="$(kcq -n "$NS" get pods -l app=rolling -o jsonpath='{.items[*].metadata.name}')"
+rc=0
+retry_until 0 in_pod client-w2 "${CURL[@]}" "http://$ROLLING_IP/hostname" >/dev/null || rc=$?
+if [[ "$rc" != 0 ]]; then
+    fail "$name" "the Service does not answer before the update (curl exit $rc)"
+else
+    load_log="$(mktemp)"
+    # One new connection per request, back to back, until /tmp/stop-load exists.
+    # shellcheck disable=SC2016  # expanded by the pod's sh
+    in_pod client-w2 sh -c 'rm -f /tmp/stop-load; while [ ! -f /tmp/stop-load ]; do r="$('"${CURL[*]}"' "$1" 2>&1)" || r="FAILED $r"; echo "$r"; done' sh "http://$ROLLING_IP/hostname" >"$load_log" 2>&1 &
+    load_pid=$!
+    sleep 3
+    kc -n "$NS" rollout restart deployment/rolling >/dev/null
+    kc -n "$NS" rollout status deployment/rolling --timeout "$TIMEOUT" >/dev/null
+    # Until the last old pod is gone: its shutdown delay is part of the update.
+    for _ in $(seq 60); do
+        left=0
+        for p in $old_pods; do
+            kcq -n "$NS" get pod "$p" >/dev/null 2>&1 && left=1
+        done
+        ((left == 0)) && break
+        sleep 1
+    done
+    sleep 3
+    in_pod client-w2 touch /tmp/stop-load
+    wait "$load_pid" || true
+    total="$(grep -c . "$load_log" || true)"
+    failed="$(grep -c '^FAILED' "$load_log" || true)"
+    new_pods="$(kcq -n "$NS" get pods -l app=rolling -o jsonpath='{.items[*].metadata.name}')"
+    from_new=0
+    for p in $new_pods; do
+        grep -qx "$p" "$load_log" && from_new=$((from_new + 1))
+    done
+    if [[ "$failed" == 0 && "$total" -gt 20 && "$from_new" -ge 1 ]]; then
+        pass "$name" "$total requests, 0 failed, answered by $from_new pod(s) of the new ReplicaSet"
+    else
+        fail "$name" "$total requests, $failed failed (first: $(grep -m1 '^FAILED' "$load_log" || true)), $from_new new pod(s) answered"
+    fi
+    rm -f "$load_log"
+fi
+
+# 14. A Service created after pyproxy started.
+name="a Service created now is answered"
+kc -n "$NS" create service clusterip late --tcp=80:8080 >/dev/null
+kc -n "$NS" set selector service late app=backend >/dev/null
+LATE_IP="$(svc_ip late)"
+t=$SECONDS
+rc=0
+out="$(retry_until 0 in_pod client-w1 "${CURL[@]}" "http://$LATE_IP/hostname")" || rc=$?
+if [[ "$rc" == 0 ]] && is_one_of "$out" "$BACKENDS"; then
+    pass "$name" "$LATE_IP answered by $out about $((SECONDS - t)) s after creation"
+else
+    fail "$name" "curl exit $rc after $((SECONDS - t)) s: $out"
 fi
 
 # --- summary -----------------------------------------------------------------------

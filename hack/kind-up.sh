@@ -3,9 +3,27 @@
 #
 #   hack/kind-up.sh
 #
+# Online or offline, chosen by ENGINE (default auto):
+#   host     a docker that already answers (docker info) is used as is: kind pulls
+#            its kindest/node image, the pyproxy image builds FROM
+#            python:3.11-slim-bookworm, agnhost is pulled by the nodes.
+#   offline  no registry needed (auto picks it when no docker answers): as root,
+#            hack/kind-offline.sh installs Debian's docker.io, containerd, runc and
+#            debootstrap, starts a dockerd of its own inside the network namespace
+#            pyproxy-kind (the host's iptables, ip_forward and routes stay untouched),
+#            and builds, cached under ~/.cache/pyproxy/kind/, kind itself, a node
+#            image holding every image kubeadm needs, a pod-network fixture
+#            (hack/kind/podnet.py: routes pod CIDRs between nodes, no masquerade, no
+#            network policy) and agnhost; the pyproxy image builds from the same
+#            Dockerfile on a local Python base (--build-arg PYTHON_IMAGE, wheels
+#            prepared on the host). kubectl then runs inside that namespace.
+#            A cold build takes tens of minutes on 2 cores; a warm one, seconds.
+#
 # Steps (each prints what it runs):
+#   0. offline only: hack/kind-offline.sh engine, then hack/kind-offline.sh images
 #   1. kind create cluster --config manifests/kind/kind-config.yaml
-#      (kubeProxyMode: none, one control plane, two workers, kindnet)
+#      (kubeProxyMode: none, one control plane, two workers, kindnet online or the
+#      pod-network fixture offline)
 #   2. docker build -t $IMAGE .            (skipped with SKIP_BUILD=1)
 #   3. kind load docker-image $IMAGE
 #   4. kubectl apply -k of manifests/, with the ConfigMap pyproxy-config filled
@@ -34,6 +52,8 @@
 #                    (default "$CLUSTER_NAME-control-plane")
 #   API_SERVER_PORT  default 6443
 #   KIND_NODE_IMAGE  kindest/node image for `kind create cluster --image`
+#                    (offline: the node image hack/kind-offline.sh built)
+#   ENGINE           auto (default), host or offline (see above)
 #   TIMEOUT          rollout and readiness timeout (default 300s)
 set -euo pipefail
 # shellcheck source=hack/kind-lib.sh
@@ -51,6 +71,30 @@ esac
 case "$IMAGE" in
     *:*) ;;
     *) die "IMAGE must be name:tag, not '$IMAGE'" ;;
+esac
+
+ENGINE="${ENGINE:-auto}"
+build_args=()
+if [[ "$ENGINE" == auto ]]; then
+    if [[ -n "${KIND_IN_NETNS[*]}" ]]; then
+        ENGINE=offline # hack/kind-offline.sh's engine already runs (kind-lib.sh found it)
+    elif command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+        ENGINE=host
+    else
+        ENGINE=offline
+    fi
+fi
+case "$ENGINE" in
+    host) say "engine: the docker that answers here (images come from their registries)" ;;
+    offline)
+        say "engine: hack/kind-offline.sh (no registry needed; everything built locally and cached)"
+        run "$KIND_REPO_ROOT/hack/kind-offline.sh" engine
+        use_offline_engine
+        run "$KIND_REPO_ROOT/hack/kind-offline.sh" images
+        KIND_NODE_IMAGE="${KIND_NODE_IMAGE:-pyproxy-kind/node:v1.34.4}"
+        build_args=(--build-arg PYTHON_IMAGE=pyproxy-kind/python:3.11-offline --build-arg OS_PACKAGES=preinstalled --network none)
+        ;;
+    *) die "ENGINE must be auto, host or offline, not '$ENGINE'" ;;
 esac
 
 need docker kind kubectl
@@ -79,7 +123,9 @@ if [[ "${SKIP_BUILD:-0}" == 1 ]]; then
     docker image inspect "$IMAGE" >/dev/null 2>&1 || die "image $IMAGE does not exist locally"
 else
     say "step 2/5: building image $IMAGE from $KIND_REPO_ROOT/Dockerfile"
-    run docker build -t "$IMAGE" "$KIND_REPO_ROOT"
+    t=$SECONDS
+    DOCKER_BUILDKIT=1 run docker build "${build_args[@]}" -t "$IMAGE" "$KIND_REPO_ROOT"
+    say "image built in $((SECONDS - t)) s"
 fi
 
 # --- 3. load ---------------------------------------------------------------------
@@ -90,38 +136,7 @@ run kind load docker-image "$IMAGE" --name "$CLUSTER_NAME"
 say "step 4/5: applying manifests/ with API server $API_SERVER_HOST:$API_SERVER_PORT, proxy mode $PROXY_MODE"
 work="$(mktemp -d "${TMPDIR:-/tmp}/pyproxy-kind.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/base" "$work/overlay"
-cp "$KIND_REPO_ROOT"/manifests/*.yaml "$work/base/"
-image_name="${IMAGE%:*}"
-image_tag="${IMAGE##*:}"
-# JSON-patch `replace` fails when a key is missing, so a renamed key in
-# manifests/configmap.yaml stops this script instead of being ignored.
-cat >"$work/overlay/kustomization.yaml" <<YAML
-apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-resources:
-  - ../base
-images:
-  - name: pyproxy
-    newName: "${image_name}"
-    newTag: "${image_tag}"
-patches:
-  - target:
-      version: v1
-      kind: ConfigMap
-      name: pyproxy-config
-      namespace: kube-system
-    patch: |-
-      - op: replace
-        path: /data/KUBERNETES_SERVICE_HOST
-        value: "${API_SERVER_HOST}"
-      - op: replace
-        path: /data/KUBERNETES_SERVICE_PORT
-        value: "${API_SERVER_PORT}"
-      - op: replace
-        path: /data/PYPROXY_PROXY_MODE
-        value: "${PROXY_MODE}"
-YAML
+write_overlay "$work" "$API_SERVER_HOST" "$API_SERVER_PORT" "$PROXY_MODE" "$IMAGE"
 say "the ConfigMap pyproxy-config that will be applied:"
 kubectl kustomize "$work/overlay" >"$work/rendered.yaml"
 awk 'function flush() { if (doc ~ /\nkind: ConfigMap\n/) printf "%s", doc; doc = "\n" }

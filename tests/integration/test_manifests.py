@@ -1,7 +1,8 @@
 """The deployment artefacts (manifests/, Dockerfile, hack/kind-*.sh) against real tools.
 
-kind and docker cannot run here, so what can be proven for real is proven with the real
-kube-apiserver of the `control_plane` fixture and the real linters:
+The DaemonSet itself runs in the kind tier (hack/test.sh: hack/kind-up.sh, hack/e2e-kind.sh);
+here, in seconds, the artefacts are proven with the real kube-apiserver of the `control_plane`
+fixture and the real linters:
 
 - `kubectl apply --dry-run=server -k manifests/` passes the API server's validation (strict field
   validation, RBAC objects, the DaemonSet schema), then a real apply succeeds. No kubelet exists,
