@@ -244,3 +244,37 @@ def answers(where: object, ip: str, port: int, n: int = 20) -> set[str]:
         r = tcp_ask(where, ip, port, timeout=1)
         names.add(r.name if isinstance(r, Reply) else type(r).__name__)
     return names
+
+
+def api_state(api: kubernetes.client.ApiClient) -> dict[str, object]:
+    """Every Service and EndpointSlice in the API, as a `--state` file for --dry-run."""
+    items: list[object] = []
+    core = kubernetes.client.CoreV1Api(api)
+    disc = kubernetes.client.DiscoveryV1Api(api)
+    for kind, lister in (
+        ("Service", core.list_service_for_all_namespaces),
+        ("EndpointSlice", disc.list_endpoint_slice_for_all_namespaces),
+    ):
+        for obj in api.sanitize_for_serialization(lister().items):
+            items.append({"kind": kind, **obj})
+    return {"apiVersion": "v1", "kind": "List", "items": items}
+
+
+def node_a_dry_run(state: Path) -> str:
+    """`pyproxy --dry-run` of `state` for node-a, with the agent's flags."""
+    argv = [sys.executable, "-m", "pyproxy", "--dry-run", "--state", str(state)]
+    argv += ["--hostname-override", "node-a", "--node-ip", NODE_A]
+    argv += ["--cluster-cidr", CLUSTER_CIDRS]
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
+def chains(text: str) -> dict[str, int]:
+    """KUBE-* chains and how many rules each has, from save or restore text."""
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith(":KUBE-") and "CANARY" not in line:
+            counts.setdefault(line[1:].split()[0], 0)
+        elif line.startswith("-A KUBE-"):
+            chain = line.split()[1]
+            counts[chain] = counts.get(chain, 0) + 1
+    return counts

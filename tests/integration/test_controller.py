@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +18,14 @@ import yaml
 from agent import (
     A1,
     B1,
-    CLUSTER_CIDRS,
     NODE_A,
     Agent,
     answers,
+    api_state,
+    chains,
     eventually,
     make_service,
+    node_a_dry_run,
     running_agent,
     set_endpoints,
 )
@@ -122,31 +122,6 @@ def test_survives_api_server_outage(
     assert agent.proc is not None and agent.proc.poll() is None
 
 
-def _dump(api: kubernetes.client.ApiClient) -> dict[str, object]:
-    items: list[object] = []
-    core = kubernetes.client.CoreV1Api(api)
-    disc = kubernetes.client.DiscoveryV1Api(api)
-    for kind, lister in (
-        ("Service", core.list_service_for_all_namespaces),
-        ("EndpointSlice", disc.list_endpoint_slice_for_all_namespaces),
-    ):
-        for obj in api.sanitize_for_serialization(lister().items):
-            items.append({"kind": kind, **obj})
-    return {"apiVersion": "v1", "kind": "List", "items": items}
-
-
-def _chains(text: str) -> dict[str, int]:
-    """KUBE-* chains and how many rules each has, from save or restore text."""
-    counts: dict[str, int] = {}
-    for line in text.splitlines():
-        if line.startswith(":KUBE-") and "CANARY" not in line:
-            counts.setdefault(line[1:].split()[0], 0)
-        elif line.startswith("-A KUBE-"):
-            chain = line.split()[1]
-            counts[chain] = counts.get(chain, 0) + 1
-    return counts
-
-
 def test_kill_during_burst_then_converges_to_dry_run(
     agent: Agent, api: kubernetes.client.ApiClient, namespace: str, tmp_path: Path
 ) -> None:
@@ -168,28 +143,10 @@ def test_kill_during_burst_then_converges_to_dry_run(
         kubernetes.client.CoreV1Api(api).delete_namespaced_service(f"burst{i}", namespace)
     agent.start()
     state = tmp_path / "dump.yaml"
-    state.write_text(yaml.safe_dump(_dump(api)))
-    expected = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyproxy",
-            "--dry-run",
-            "--state",
-            str(state),
-            "--hostname-override",
-            "node-a",
-            "--node-ip",
-            NODE_A,
-            "--cluster-cidr",
-            CLUSTER_CIDRS,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    want = _chains(expected)
-    eventually(lambda: _chains(agent.save()) == want, 30, "kernel == dry-run")
+    state.write_text(yaml.safe_dump(api_state(api)))
+    expected = node_a_dry_run(state)
+    want = chains(expected)
+    eventually(lambda: chains(agent.save()) == want, 30, "kernel == dry-run")
     for _ in range(10):
         r = tcp_ask(c.pod("a2"), "10.96.1.30", 80, timeout=1)
         if not isinstance(r, Reply):

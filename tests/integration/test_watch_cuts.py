@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 import threading
 import urllib.parse
 from pathlib import Path
@@ -28,12 +26,13 @@ import yaml
 from agent import (
     A1,
     B1,
-    CLUSTER_CIDRS,
-    NODE_A,
     Agent,
     answers,
+    api_state,
+    chains,
     eventually,
     make_service,
+    node_a_dry_run,
     running_agent,
     set_endpoints,
 )
@@ -49,54 +48,6 @@ node_cluster = cluster_fixture({"a": ("a1", "a2"), "b": ("b1",)})
 SEED = int(os.environ.get("PYPROXY_CUT_SEED", "915"))
 ROUNDS = 12
 STABLE_IP = "10.96.1.90"
-
-
-def _api_state(api: kubernetes.client.ApiClient) -> dict[str, object]:
-    """Every Service and EndpointSlice in the API, as a `--state` file for --dry-run."""
-    items: list[object] = []
-    core = kubernetes.client.CoreV1Api(api)
-    disc = kubernetes.client.DiscoveryV1Api(api)
-    for kind, lister in (
-        ("Service", core.list_service_for_all_namespaces),
-        ("EndpointSlice", disc.list_endpoint_slice_for_all_namespaces),
-    ):
-        for obj in api.sanitize_for_serialization(lister().items):
-            items.append({"kind": kind, **obj})
-    return {"apiVersion": "v1", "kind": "List", "items": items}
-
-
-def _dry_run(state: Path) -> str:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyproxy",
-            "--dry-run",
-            "--state",
-            str(state),
-            "--hostname-override",
-            "node-a",
-            "--node-ip",
-            NODE_A,
-            "--cluster-cidr",
-            CLUSTER_CIDRS,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-
-
-def _chains(text: str) -> dict[str, int]:
-    """KUBE-* chains and how many rules each has, from save or restore text."""
-    counts: dict[str, int] = {}
-    for line in text.splitlines():
-        if line.startswith(":KUBE-") and "CANARY" not in line:
-            counts.setdefault(line[1:].split()[0], 0)
-        elif line.startswith("-A KUBE-"):
-            chain = line.split()[1]
-            counts[chain] = counts.get(chain, 0) + 1
-    return counts
 
 
 class Sampler:
@@ -181,10 +132,10 @@ def test_cut_connections_lose_nothing_and_the_watch_converges(
                     failures.append((i, r))
 
             state = tmp_path / "state.yaml"
-            state.write_text(yaml.safe_dump(_api_state(api)))
-            want = _chains(_dry_run(state))
+            state.write_text(yaml.safe_dump(api_state(api)))
+            want = chains(node_a_dry_run(state))
             eventually(
-                lambda: _chains(agent.save()) == want,
+                lambda: chains(agent.save()) == want,
                 120,
                 f"kernel == dry-run (seed {SEED})",
                 explain=agent.save,
