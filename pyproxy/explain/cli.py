@@ -381,13 +381,14 @@ def trace_main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = No
                     " (pass --node-ip)"
                 )
             (config,) = with_host_facts((config,))
-            # The agent counts into the nfacct counters it found or created at start.
-            config = dataclasses.replace(
-                config, nfacct_counters=existing_counters(open_nfacct(), NFACCT_COUNTERS)
-            )
             if options.proxy_mode == "ipvs":
+                # No nfacct counters: they exist only for iptables mode (the agent's too).
                 desired, plan = _ipvs_desired(options, cluster, config)
             else:
+                # The agent counts into the nfacct counters it found or created at start.
+                config = dataclasses.replace(
+                    config, nfacct_counters=existing_counters(open_nfacct(), NFACCT_COUNTERS)
+                )
                 desired = desired_document(cluster, config)
         report = trace_saved(
             saved,
