@@ -26,7 +26,13 @@ import pytest
 
 from pyproxy.convert import state_from_objects
 from pyproxy.explain import cli as explain_cli
-from pyproxy.explain.ipvs import ipvs_drift, match_virtual_server, states_plan, trace_ipvs
+from pyproxy.explain.ipvs import (
+    format_ipvs_trace,
+    ipvs_drift,
+    match_virtual_server,
+    states_plan,
+    trace_ipvs,
+)
 from pyproxy.ipvs.diff import CurrentRealServer, CurrentVirtualServer, KernelState
 from pyproxy.ipvs.ipsets import parse_save
 from pyproxy.ipvs.plan import IpvsPlan, VirtualServer, VirtualServerKey, render_ipset_save
@@ -110,6 +116,15 @@ CASES = [
         "policies.yaml",
         ("web/zonal",),
         {},
+    ),
+    Case(
+        "dual-stack",
+        "families.yaml",
+        ("net/dual", "--node-ip", "fd00:1::2"),
+        {"10.96.2.11:80/TCP": "answered", "[fd00:96::11]:80/TCP": "answered"},
+        {"[fd00:96::11]:80/TCP": ("[fd00:244:1::11]:8080",)},
+        ipset_entries=(("KUBE-6-CLUSTER-IP", "fd00:96::11,tcp:80"),),
+        rules=("--match-set KUBE-6-CLUSTER-IP dst,dst ! -s fd00:244::/48 -j KUBE-MARK-MASQ",),
     ),
     Case(
         "no-pods",
@@ -378,3 +393,21 @@ def test_trace_parser_takes_proxy_mode() -> None:
     with pytest.raises(SystemExit) as exc:
         explain_cli.main(["x", "--proxy-mode", "bogus"], stdout=io.StringIO())
     assert exc.value.code == 2
+
+
+def test_trace_text_names_match_and_drift() -> None:
+    plan = node_plan()
+    state = without_real_server(kernel_from(plan), "10.96.1.12:443/TCP", "10.244.2.12:8443")
+    text = format_ipvs_trace(
+        trace_ipvs(state, dst="10.96.1.12", port=443, protocol=Protocol.TCP, plan=plan)
+    )
+    assert text.splitlines() == [
+        "IPVS: 10.96.1.12:443/TCP: answered: by 1 real server (rr): 10.244.1.12:8443",
+        "  -> 10.244.1.12:8443 weight 1",
+        "IPVS drift: 1 difference",
+        "  missing real server 10.96.1.12:443/TCP -> 10.244.2.12:8443: not in the kernel",
+    ]
+    unchecked = format_ipvs_trace(
+        trace_ipvs(state, dst="10.96.1.12", port=443, protocol=Protocol.TCP)
+    )
+    assert "IPVS drift: not checked (pass --state or --kubeconfig)" in unchecked
