@@ -19,7 +19,28 @@ same pure plan `pyproxy --dry-run --proxy-mode ipvs` prints (`ipvs.plan.plan_ipv
   as the proxier itself would delete them; chains are compared by `iptables.drift` as in
   iptables mode.
 
-The JSON is additive: an `ipvs` key next to the iptables-mode report, which stays unchanged.
+The JSON is additive: an `ipvs` key next to the iptables-mode report, which stays unchanged
+(keys stable, new keys may be added):
+
+    explain: ipvs: {scheduler,
+                    ports: [{family, service_port,
+                             virtual_servers: [{virtual_server, kind, scheduler,
+                                                persistence_timeout, bound,
+                                                real_servers: [{endpoint, weight}],
+                                                outcome, reason}],
+                             not_real_servers: [{endpoint, reason}],
+                             ipset_entries: [{set, member}],
+                             rules: [{table, rule}]}]}
+    trace:   ipvs: {match: {virtual_server, matched, scheduler, persistence_timeout,
+                            real_servers: [{endpoint, weight}], outcome, reason},
+                    drift: null | {checked, items: [{kind, item, name, detail}]}}
+
+`outcome` is `answered`, `rejected` or `dropped` as in iptables mode, or (trace) `not-ipvs`
+when no virtual server has that protocol/address/port. Drift `kind` is `missing`,
+`unexpected` or `different`; `item` is `virtual server`, `real server`, `ipset`,
+`ipset member` or `address` (on kube-ipvs0). In the text of `trace`, the iptables steps cannot
+evaluate `-m set` matches (the tracer does not read ipset contents): the IPVS lines decide.
+
 Pure: the shell reads the kernel (`ipvs.kernel`) and passes a `KernelState` in.
 """
 
@@ -503,7 +524,11 @@ class IpvsTrace:
 
 def format_ipvs_trace(trace: IpvsTrace) -> str:
     m = trace.match
-    lines = [f"IPVS: {m.virtual_server}: {m.outcome}: {m.reason}"]
+    lines = [
+        "IPVS mode: the iptables steps above cannot evaluate ipset matches; the IPVS table"
+        " decides:",
+        f"IPVS: {m.virtual_server}: {m.outcome}: {m.reason}",
+    ]
     lines.extend(f"  -> {r.endpoint} weight {r.weight}" for r in m.real_servers)
     if trace.drift is None:
         lines.append("IPVS drift: not checked (pass --state or --kubeconfig)")

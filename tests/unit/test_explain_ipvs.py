@@ -401,7 +401,7 @@ def test_trace_text_names_match_and_drift() -> None:
     text = format_ipvs_trace(
         trace_ipvs(state, dst="10.96.1.12", port=443, protocol=Protocol.TCP, plan=plan)
     )
-    assert text.splitlines() == [
+    assert text.splitlines()[1:] == [
         "IPVS: 10.96.1.12:443/TCP: answered: by 1 real server (rr): 10.244.1.12:8443",
         "  -> 10.244.1.12:8443 weight 1",
         "IPVS drift: 1 difference",
@@ -411,3 +411,25 @@ def test_trace_text_names_match_and_drift() -> None:
         trace_ipvs(state, dst="10.96.1.12", port=443, protocol=Protocol.TCP)
     )
     assert "IPVS drift: not checked (pass --state or --kubeconfig)" in unchecked
+
+
+def test_json_keys_are_the_documented_ones() -> None:
+    section = ipvs_json(CASES[0])
+    assert list(section) == ["scheduler", "ports"]
+    port = section["ports"][0]
+    assert list(port) == [
+        "family", "service_port", "virtual_servers", "not_real_servers", "ipset_entries", "rules",
+    ]  # fmt: skip
+    assert list(port["virtual_servers"][0]) == [
+        "virtual_server", "kind", "scheduler", "persistence_timeout", "bound", "real_servers",
+        "outcome", "reason",
+    ]  # fmt: skip
+    plan = node_plan()
+    data = trace_ipvs(
+        kernel_from(plan), dst="10.96.1.12", port=443, protocol=Protocol.TCP, plan=plan
+    ).to_json()
+    assert list(data) == ["match", "drift"]
+    assert list(data["match"]) == [
+        "virtual_server", "matched", "scheduler", "persistence_timeout", "real_servers",
+        "outcome", "reason",
+    ]  # fmt: skip
