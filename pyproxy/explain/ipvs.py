@@ -290,7 +290,7 @@ def explain_ipvs(
         baseline = set(_rule_lines(plan_ipvs([], config, scheduler)))
         for state in states.get(name, ()):
             label = port_label(state.info.name.port, state.info.protocol)
-            if wanted and (config.family, label) not in wanted:
+            if (config.family, label) not in wanted:  # the ports explained (--port)
                 continue
             ports.append(
                 _port_view(

@@ -58,6 +58,8 @@ class Case:
     ipset_entries: tuple[tuple[str, str], ...] = ()
     #: phrases some listed rule must contain.
     rules: tuple[str, ...] = ()
+    #: `outcomes` names every virtual server of the section.
+    only: bool = False
 
 
 CASES = [
@@ -127,6 +129,20 @@ CASES = [
         rules=("--match-set KUBE-6-CLUSTER-IP dst,dst ! -s fd00:244::/48 -j KUBE-MARK-MASQ",),
     ),
     Case(
+        "port-name-mismatch",
+        "endpoints.yaml",
+        ("shop/wrong-port",),
+        {"10.96.0.13:80/TCP": "rejected", "10.96.0.13:9090/TCP": "answered"},
+        not_real=(("10.244.1.10", "its EndpointSlice has no port named 'http' (TCP)"),),
+    ),
+    Case(
+        "only-the-port-asked",
+        "endpoints.yaml",
+        ("shop/wrong-port", "--port", "9090"),
+        {"10.96.0.13:9090/TCP": "answered"},
+        only=True,
+    ),
+    Case(
         "no-pods",
         "endpoints.yaml",
         ("shop/no-pods",),
@@ -168,6 +184,9 @@ def test_explain_ipvs(case: Case) -> None:
     section = ipvs_json(case)
     by_vs = servers(section)
     assert section["ports"], "no port explained"
+    assert set(case.outcomes) <= set(by_vs)
+    if case.only:
+        assert set(by_vs) == set(case.outcomes)
     for vs, outcome in case.outcomes.items():
         assert by_vs[vs]["outcome"] == outcome, (vs, by_vs[vs]["reason"])
     for vs, reals in case.real_servers.items():
