@@ -26,6 +26,9 @@ Modules, in the order a report is built:
 - `service`: one Service's report assembled (`explain_service`), and what pyproxy would
   program (`desired_document`);
 - `packet`: one packet through iptables-save text, plus drift (`trace_saved`);
+- `ipvs`: `--proxy-mode ipvs`: virtual servers, real servers, ipsets and their rules from the
+  IPVS plan, the kernel's virtual server a packet meets, and IPVS drift (an additive `ipvs`
+  key in the JSON);
 - `format`: the text a terminal gets (tables, colour when on a TTY);
 - `cli`: the shell: flags, loading the cluster state (state file or API server), printing.
 

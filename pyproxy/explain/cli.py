@@ -10,10 +10,14 @@
 API server), works out what this node would program, and explains one Service in plain words.
 `trace` follows one new connection through the rules actually in the kernel (iptables-save)
 and, given the cluster state, reports chains that differ from what pyproxy would program now.
+With `--proxy-mode ipvs`, explain adds the IPVS plan of the Service (`explain.ipvs`) and trace
+also reads the node's IPVS table, `ipset save` and kube-ipvs0's addresses: the virtual server
+the packet meets, and virtual servers, real servers, ipset members and addresses that drifted.
 
 The node and rule flags are pyproxy's own (`--hostname-override`, `--node-ip`,
 `--cluster-cidr`, `--masquerade-all`, `--nodeport-addresses`,
-`--iptables-localhost-nodeports`, `--iptables-masquerade-bit`, `--feature-gates`): they are
+`--iptables-localhost-nodeports`, `--iptables-masquerade-bit`, `--feature-gates`,
+`--proxy-mode`, `--ipvs-scheduler`): they are
 forwarded to `options.parse_options`, so they mean and validate exactly what they do for the
 proxy. Without `--state` or `--kubeconfig`, explain uses $KUBECONFIG, then ~/.kube/config, then
 the in-cluster service account.
@@ -47,6 +51,8 @@ from pyproxy.options import ProxyOptions, parse_options
 from pyproxy.proxystate import NFACCT_COUNTERS, ProxierConfig
 
 if TYPE_CHECKING:
+    from pyproxy.explain.ipvs import IpvsTrace
+    from pyproxy.ipvs.plan import IpvsPlan
     from pyproxy.sources.watch import ApiConnection
 
 
@@ -83,6 +89,8 @@ def _add_proxy_flags(p: argparse.ArgumentParser, *, backend: bool) -> None:
         ("--nodeport-addresses", "CIDR[,CIDR]|primary", "addresses NodePorts answer on"),
         ("--iptables-masquerade-bit", "N", "masquerade mark bit (default 14)"),
         ("--feature-gates", "KEY=BOOL,...", "as kube-proxy v1.34.4 (see pyproxy --help)"),
+        ("--proxy-mode", "iptables|ipvs", "the mode explained (default iptables)"),
+        ("--ipvs-scheduler", "NAME", "ipvs mode: the scheduler (default rr)"),
     ):
         g.add_argument(flag, action=_Forward, metavar=metavar, help=help_text)
     g.add_argument(
@@ -301,14 +309,26 @@ def main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) ->
             extras=service_extras(objects, service),
             problems=problems,
         )
+        ipvs = None
+        if options.proxy_mode == "ipvs" and explanation.found:
+            from pyproxy.explain.ipvs import explain_ipvs
+
+            ipvs = explain_ipvs(cluster, configs, service, explanation, options.ipvs_scheduler)
     except ConfigError as err:
         return _fail("pyproxy explain", err, 2)
     except PyproxyError as err:
         return _fail("pyproxy explain", err, 1)
     if args.output == "json":
-        _write(out, explanation.to_json())
+        data = explanation.to_json()
+        if ipvs is not None:
+            data["ipvs"] = ipvs.to_json()
+        _write(out, data)
     else:
         out.write(format_explanation(explanation, Style.for_stream(out)))
+        if ipvs is not None:
+            from pyproxy.explain.ipvs import format_ipvs
+
+            out.write(format_ipvs(ipvs))
     return 0 if explanation.found else 1
 
 
@@ -349,6 +369,7 @@ def trace_main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = No
         tool = f"{'iptables' if family is IPFamily.IPv4 else 'ip6tables'}-{backend}-save"
         saved = Iptables(family, backend).save(("filter", "nat"))
         desired = None
+        plan = None
         masquerade_mark = 1 << options.masquerade_bit
         if options.state or options.kubeconfig:
             objects = load_objects(options)
@@ -360,11 +381,15 @@ def trace_main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = No
                     " (pass --node-ip)"
                 )
             (config,) = with_host_facts((config,))
-            # The agent counts into the nfacct counters it found or created at start.
-            config = dataclasses.replace(
-                config, nfacct_counters=existing_counters(open_nfacct(), NFACCT_COUNTERS)
-            )
-            desired = desired_document(cluster, config)
+            if options.proxy_mode == "ipvs":
+                # No nfacct counters: they exist only for iptables mode (the agent's too).
+                desired, plan = _ipvs_desired(options, cluster, config)
+            else:
+                # The agent counts into the nfacct counters it found or created at start.
+                config = dataclasses.replace(
+                    config, nfacct_counters=existing_counters(open_nfacct(), NFACCT_COUNTERS)
+                )
+                desired = desired_document(cluster, config)
         report = trace_saved(
             saved,
             src=src,
@@ -376,6 +401,9 @@ def trace_main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = No
             masquerade_mark=masquerade_mark,
             desired_text=desired,
         )
+        ipvs = None
+        if options.proxy_mode == "ipvs":
+            ipvs = _ipvs_trace(args, plan)
     except ConfigError as err:
         return _fail(prog, err, 2)
     except (PyproxyError, ValueError) as err:
@@ -383,10 +411,48 @@ def trace_main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = No
     if args.output == "json":
         data = report.to_json()
         data["backend"] = backend
+        if ipvs is not None:
+            data["ipvs"] = ipvs.to_json()
         _write(out, data)
     else:
         out.write(format_packet_report(report, Style.for_stream(out), source=tool))
+        if ipvs is not None:
+            from pyproxy.explain.ipvs import format_ipvs_trace
+
+            out.write(format_ipvs_trace(ipvs))
     return 0
+
+
+def _ipvs_desired(
+    options: ProxyOptions, cluster: ClusterState, config: ProxierConfig
+) -> tuple[str, IpvsPlan]:
+    """IPVS mode: the plan a sync on this node would make (with the node's real local
+    addresses, as the proxier reads them) and the iptables-restore input it implies."""
+    from pyproxy.ipvs.kernel import LinuxIpvsKernel
+    from pyproxy.ipvs.plan import plan_ipvs
+    from pyproxy.ipvs.rules import ipvs_jump_rules
+    from pyproxy.proxystate import desired_state
+
+    with LinuxIpvsKernel() as kernel:
+        local = kernel.local_addresses()
+    states = desired_state(cluster, config)
+    plan = plan_ipvs(
+        [p for ps in states.values() for p in ps],
+        config,
+        options.ipvs_scheduler,
+        local_addresses=local,
+    )
+    return plan.rules.document(hooks=ipvs_jump_rules(config)), plan
+
+
+def _ipvs_trace(args: argparse.Namespace, plan: IpvsPlan | None) -> IpvsTrace:
+    """Read the node's IPVS table, ipsets and kube-ipvs0 addresses; match and compare."""
+    from pyproxy.explain.ipvs import trace_ipvs
+    from pyproxy.ipvs.kernel import LinuxIpvsKernel
+
+    with LinuxIpvsKernel() as kernel:
+        state = kernel.read_state()
+    return trace_ipvs(state, dst=args.dst, port=args.port, protocol=args.protocol, plan=plan)
 
 
 _COMMANDS: Mapping[str, Callable[[Sequence[str]], int]] = {"explain": main, "trace": trace_main}
