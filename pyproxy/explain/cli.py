@@ -339,7 +339,9 @@ def _local_ips(options: ProxyOptions, family: IPFamily) -> list[str]:
     return sorted(str(ip) for ip in ips if IPFamily.of(ip) is family)
 
 
-def trace_main(argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None) -> int:
+def trace_main(  # noqa: PLR0912, PLR0915 - one command read top to bottom: flags, kernel, drift, output
+    argv: Sequence[str] | None = None, *, stdout: IO[str] | None = None
+) -> int:
     """`pyproxy trace ARGS`: `argv` is what follows the word `trace`."""
     from pyproxy.iptables.restore import Iptables, detect_backend
     from pyproxy.nfacct import existing_counters, open_nfacct
