@@ -75,7 +75,7 @@ def partial_bytes(n: int) -> tuple[int, int, str]:
     cluster, _ = state_from_objects(objects(n, endpoint_of_first="10.250.0.2"))
     result = proxier.sync(desired_state(cluster, config), {NamespacedName("t", "svc00000")})
     assert full.full and not result.full
-    return full.transaction_bytes, result.transaction_bytes, nft.transactions[-1]
+    return full.restore_bytes, result.restore_bytes, nft.transactions[-1]
 
 
 def test_partial_sync_bytes_do_not_depend_on_the_number_of_services() -> None:
@@ -99,7 +99,7 @@ def test_unchanged_sync_sends_nothing() -> None:
     states = desired_state(cluster, config)
     proxier.sync(states, None)
     result = proxier.sync(states, {NamespacedName("t", "svc00001")})
-    assert result.transaction_bytes == 0 and len(nft.transactions) == 1
+    assert result.restore_bytes == 0 and len(nft.transactions) == 1
 
 
 def test_removed_service_deletes_its_elements_and_flushes_its_chains() -> None:
@@ -122,7 +122,7 @@ def test_removed_service_deletes_its_elements_and_flushes_its_chains() -> None:
     assert set(proxier.stale_chains) == stale  # less than a second: kept
     clock[0] += 1.0
     result = proxier.sync(desired_state(cluster, config), set())
-    assert result.stale_chains_deleted == 3 and not proxier.stale_chains
+    assert result.details["stale_chains_deleted"] == 3 and not proxier.stale_chains
     assert all(f"delete chain ip kube-proxy {c}" in nft.transactions[-1] for c in stale)
 
 
