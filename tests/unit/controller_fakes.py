@@ -80,6 +80,8 @@ class FakeProxier:
         #: What canary_present answers (a test sets False to play "someone flushed iptables").
         self.canary = False
         self.service_cidrs: tuple[IPNetwork, ...] = ()
+        #: What the next successful sync reports as non-fatal cleanup failures.
+        self.cleanup_failures = 0
         self._clock = clock
         self._sync_seconds = sync_seconds
 
@@ -119,6 +121,7 @@ class FakeProxier:
             no_local_internal=0,
             no_local_external=0,
             services_written=len(complete if decided or changed is None else changed),
+            cleanup_failures=self.cleanup_failures,
         )
 
     def on_service_cidrs_changed(self, cidrs: Sequence[IPNetwork]) -> None:
