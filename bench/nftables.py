@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         t_full = time.perf_counter() - t
         print(
             f"N={args.size} x {args.endpoints} endpoints: state {t_state:.2f} s;"
-            f" full sync {t_full:.2f} s, {full.transaction_bytes} bytes"
+            f" full sync {t_full:.2f} s, {full.restore_bytes} bytes"
         )
 
         ep_times, ep_bytes, new_times, new_bytes = [], [], [], []
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             result = proxier.sync(states, {NamespacedName("bench", "svc00000")})
             ep_times.append(time.perf_counter() - t)
-            ep_bytes.append(result.transaction_bytes)
+            ep_bytes.append(result.restore_bytes)
 
             extra = objects(args.size + r, args.endpoints, first_ep=r)
             cluster, _ = state_from_objects(extra)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             result = proxier.sync(states, {NamespacedName("bench", f"svc{args.size + r - 1:05d}")})
             new_times.append(time.perf_counter() - t)
-            new_bytes.append(result.transaction_bytes)
+            new_bytes.append(result.restore_bytes)
         print(
             f"endpoint change: p50 {statistics.median(ep_times) * 1000:.1f} ms,"
             f" {statistics.median(ep_bytes):.0f} bytes;"

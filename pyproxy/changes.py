@@ -14,11 +14,16 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from pyproxy.convert import endpoint_slice_from_api, node_from_api, service_from_api
+from pyproxy.convert import (
+    endpoint_slice_from_api,
+    node_from_api,
+    service_cidr_from_api,
+    service_from_api,
+)
 from pyproxy.errors import InvalidObject
-from pyproxy.model import EndpointSlice, NamespacedName, Node, Service
+from pyproxy.model import EndpointSlice, IPNetwork, NamespacedName, Node, Service, ServiceCIDR
 
-KINDS = ("Service", "EndpointSlice", "Node")
+KINDS = ("Service", "EndpointSlice", "Node", "ServiceCIDR")
 
 
 def _key(obj: Mapping[str, object]) -> NamespacedName:
@@ -42,6 +47,8 @@ class Changes:
     trigger_times: dict[NamespacedName, float]
     service_changes: int
     endpoint_changes: int
+    #: The ServiceCIDR ranges changed (only watched in nftables mode): hand them over.
+    service_cidrs_changed: bool = False
 
 
 @dataclass
@@ -53,10 +60,13 @@ class ChangeTracker:
         default_factory=dict
     )
     node: Node | None = None
+    #: ServiceCIDRs by name (networking.k8s.io/v1; watched in nftables mode only).
+    service_cidrs: dict[str, ServiceCIDR] = field(default_factory=dict)
     problems: list[InvalidObject] = field(default_factory=list)
     _changed: set[NamespacedName] = field(default_factory=set)
     _all_changed: bool = True
     _node_changed: bool = True
+    _service_cidrs_changed: bool = False
     _trigger_times: dict[NamespacedName, float] = field(default_factory=dict)
     _service_changes: int = 0
     _endpoint_changes: int = 0
@@ -106,6 +116,19 @@ class ChangeTracker:
             self.node = node
             self._node_changed = True
 
+    def _set_service_cidr(self, name: str, cidr: ServiceCIDR | None) -> None:
+        if self.service_cidrs.get(name) != cidr:
+            if cidr is None:
+                del self.service_cidrs[name]
+            else:
+                self.service_cidrs[name] = cidr
+            self._service_cidrs_changed = True
+
+    def all_service_cidrs(self) -> tuple[IPNetwork, ...]:
+        """Every ServiceCIDR's ranges, deduplicated and sorted (as ClusterState's)."""
+        cidrs = {c for sc in self.service_cidrs.values() for c in sc.cidrs}
+        return tuple(sorted(cidrs, key=lambda c: (c.version, c.network_address, c.prefixlen)))
+
     def _convert(self, kind: str, obj: Mapping[str, object]) -> object:
         """The model object, or None if ignored or invalid (invalid ones are recorded)."""
         try:
@@ -116,6 +139,8 @@ class ChangeTracker:
             if kind == "Node":
                 node = node_from_api(obj)
                 return node if node.name == self.node_name else None
+            if kind == "ServiceCIDR":
+                return service_cidr_from_api(obj)
         except InvalidObject as problem:
             self.problems.append(problem)
         return None
@@ -130,6 +155,8 @@ class ChangeTracker:
             self._set_slice(key, value if isinstance(value, EndpointSlice) else None)
         elif kind == "Node" and key.name == self.node_name:
             self._set_node(value if isinstance(value, Node) else None)
+        elif kind == "ServiceCIDR":
+            self._set_service_cidr(key.name, value if isinstance(value, ServiceCIDR) else None)
 
     def replace(self, kind: str, objects: Iterable[Mapping[str, object]]) -> None:
         """A complete list (first list, or relist after 410): objects not in it are gone."""
@@ -146,12 +173,20 @@ class ChangeTracker:
                 self._set_slice(key, None)
         elif kind == "Node" and NamespacedName("", self.node_name) not in seen:
             self._set_node(None)
+        elif kind == "ServiceCIDR":
+            for name in [n for n in self.service_cidrs if NamespacedName("", n) not in seen]:
+                self._set_service_cidr(name, None)
 
     # --- taking ----------------------------------------------------------------------
 
     @property
     def pending(self) -> bool:
-        return self._all_changed or self._node_changed or bool(self._changed)
+        return (
+            self._all_changed
+            or self._node_changed
+            or self._service_cidrs_changed
+            or bool(self._changed)
+        )
 
     @property
     def pending_counts(self) -> tuple[int, int]:
@@ -165,10 +200,11 @@ class ChangeTracker:
             trigger_times=dict(self._trigger_times),
             service_changes=self._service_changes,
             endpoint_changes=self._endpoint_changes,
+            service_cidrs_changed=self._service_cidrs_changed,
         )
         self._changed.clear()
         self._trigger_times.clear()
-        self._all_changed = self._node_changed = False
+        self._all_changed = self._node_changed = self._service_cidrs_changed = False
         self._service_changes = self._endpoint_changes = 0
         return changes
 
@@ -176,6 +212,7 @@ class ChangeTracker:
         """A sync failed: what it took is pending again (and everything, to be safe)."""
         self._all_changed = True
         self._node_changed = self._node_changed or changes.node_changed
+        self._service_cidrs_changed = self._service_cidrs_changed or changes.service_cidrs_changed
         for name, when in changes.trigger_times.items():
             self._trigger_times[name] = min(self._trigger_times.get(name, math.inf), when)
 

@@ -3,7 +3,7 @@
 - `--dry-run`: print, per IP family, the iptables-restore input this node would get; touch nothing.
 - `--state FILE --once`: program the rules for the state in FILE into this network namespace.
 - `--cleanup`: remove every rule and chain pyproxy created.
-- otherwise: run as the node agent against the API server (see controller.py).
+- otherwise: run as the node agent against the API server (see controller.py), in any mode.
 
 Exit codes: 0 success, 1 runtime failure (unreadable state, kernel error), 2 bad flags.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -99,6 +99,15 @@ def proxier_factory(options: ProxyOptions, backend: str) -> ProxierFactory:
 
         return new_ipvs
 
+    if options.proxy_mode == "nftables":
+        from pyproxy.nftables.proxier import NftablesProxier
+
+        def new_nftables(config: ProxierConfig) -> Proxier:
+            # The ServiceCIDRs arrive through on_service_cidrs_changed (before the first sync).
+            return NftablesProxier(config)
+
+        return new_nftables
+
     def new_iptables(config: ProxierConfig) -> Proxier:
         return IptablesProxier(config, Iptables(config.family, backend))
 
@@ -125,10 +134,7 @@ def sync_once_nftables(options: ProxyOptions, cluster: ClusterState) -> None:
             proxy_mode="nftables",
             full=result.full,
             services=result.services_written,
-            chains=result.chains_written,
-            elements=result.elements_added,
-            stale_chains=result.stale_chains_flushed,
-            transaction_bytes=result.transaction_bytes,
+            **result.details,
         )
     # As kube-proxy's platformCleanup, switching to nftables removes the other modes' rules;
     # but once nftables mode's own rules are in (upstream: before), so no moment is without.
@@ -173,6 +179,33 @@ def cleanup_nftables() -> None:
         logger.info("cleaned up nftables mode", ip_family=family.value, changed=bool(existed))
 
 
+def remove_iptables_modes_after_sync(options: ProxyOptions) -> Callable[[IPFamily], bool]:
+    """nftables mode's agent: after the first full sync, remove iptables and IPVS modes'
+    leftovers (upstream's platformCleanup, which runs before the first sync instead, leaving
+    the node without Service rules until then). Both families' leftovers go at once, after
+    the first family's sync (a dual-stack node's IPv6 follows in the same sync). True once
+    done; False (logged) to retry after the next full sync."""
+    done = False
+
+    def remove(family: IPFamily) -> bool:
+        nonlocal done
+        if not done:
+            try:
+                cleanup_iptables_modes(options)
+            except PyproxyError as err:
+                logger.warning(
+                    "cannot remove iptables/ipvs modes' leftovers; retrying after the next"
+                    " full sync",
+                    ip_family=family.value,
+                    error=str(err),
+                )
+                return False
+            done = True
+        return True
+
+    return remove
+
+
 def cleanup(options: ProxyOptions) -> None:
     """Every mode's leftovers, whatever --proxy-mode says (as kube-proxy's --cleanup)."""
     cleanup_nftables()
@@ -205,14 +238,19 @@ def run_controller(options: ProxyOptions) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     backend = detect_backend(options.iptables_backend)
+    nftables = options.proxy_mode == "nftables"
     controller = Controller(
         options,
         proxier_factory=proxier_factory(options, backend),
-        source_factory=lambda c: KubeSource(options.kubeconfig, options.node_name, c),
+        source_factory=lambda c: KubeSource(
+            options.kubeconfig, options.node_name, c, service_cidrs=nftables
+        ),
         host_addresses=host_addresses,
         prepare_host=lambda configs: prepare_host(configs, options.proxy_mode),
         conntrack=ConntrackCleaner,
-        nftables_leftovers=nftleftovers.remove_after_sync,
+        other_modes_leftovers=remove_iptables_modes_after_sync(options)
+        if nftables
+        else nftleftovers.remove_after_sync,
         nfacct=open_nfacct() if options.proxy_mode == "iptables" else None,
     )
     logger.info(
@@ -235,12 +273,6 @@ def run(options: ProxyOptions) -> int:
     if options.state is None:
         if options.dry_run or options.once:
             raise ConfigError("--dry-run and --once need --state FILE")
-        if options.proxy_mode == "nftables":
-            # NftablesProxier has the Proxier shape but is not wired into the agent yet, and
-            # must not fall back to iptables silently.
-            raise ConfigError(
-                "--proxy-mode nftables runs with --state FILE (--dry-run, --once) for now"
-            )
         return run_controller(options)
     cluster = _load_state(options)
     if options.dry_run:

@@ -15,14 +15,18 @@ Rules of the road, as upstream's proxier:
 - a failed sync puts its changes back, makes the next sync a full one, and is retried after
   --iptables-sync-period (upstream's retry interval), or sooner if a change arrives;
 - two syncs are --iptables-min-sync-period apart, from the end of one to the start of the next;
-- the periodic sync: in iptables mode the hourly full sync (upstream's FullSyncPeriod), in ipvs
-  mode every --iptables-sync-period (upstream's ipvs proxier has the sync period as its maximum
-  interval);
-- every --iptables-sync-period the canary chain is checked (upstream's iptables Monitor polls
+- the periodic sync: in iptables and nftables modes the hourly full sync (upstream's
+  FullSyncPeriod), in ipvs mode every --iptables-sync-period (upstream's ipvs proxier has the
+  sync period as its maximum interval);
+- every --iptables-sync-period the canary chain (nftables mode: the table's `services`
+  dispatch rule) is checked (upstream's iptables Monitor polls
   at that interval); one flushed by someone else triggers a full sync. Upstream's Monitor calls
   the sync itself; here the full sync goes through the runner, so syncs stay one at a time on
   one thread and keep the min sync period. (Upstream's ipvs mode has no canary monitor; the
-  check is kept there, where it costs one iptables-save of the mangle table per period.)
+  check is kept there, where it costs one iptables-save of the mangle table per period.
+  Upstream's nftables mode has one: it lists its canary chain every sync period.)
+- ServiceCIDRs (watched in nftables mode only) are handed to the proxiers when they change or
+  the proxiers are rebuilt (upstream's OnServiceCIDRsChanged).
 - stopping leaves every rule in place, so traffic keeps flowing across restarts.
 """
 
@@ -39,7 +43,7 @@ import structlog
 from pyproxy.changes import Changes, ChangeTracker
 from pyproxy.conntrack import CleanupResult
 from pyproxy.conntrack_plan import cleanup_needed
-from pyproxy.errors import PyproxyError, RestoreError
+from pyproxy.errors import NftError, PyproxyError, RestoreError
 from pyproxy.gcpause import gc_paused
 from pyproxy.healthcheck import HealthzServer, ProxyHealth, ServiceHealthServer
 from pyproxy.metrics import Metrics, MetricsServer
@@ -88,8 +92,8 @@ class FamilyProxier:
     states: dict[NamespacedName, tuple[ServicePortState, ...]] = field(default_factory=dict)
     #: A conntrack cleanup failed: retry it after the next sync.
     conntrack_pending: bool = False
-    #: kube-proxy's nftables-mode table of this family has been looked for and is gone.
-    nftables_leftovers_checked: bool = False
+    #: The other modes' leftovers of this family have been looked for and are gone.
+    leftovers_checked: bool = False
 
 
 class Controller:
@@ -102,7 +106,7 @@ class Controller:
         host_addresses: HostAddresses,
         prepare_host: PrepareHost,
         conntrack: Callable[[IPFamily], ConntrackCleaner] | None = None,
-        nftables_leftovers: Callable[[IPFamily], bool] | None = None,
+        other_modes_leftovers: Callable[[IPFamily], bool] | None = None,
         nfacct: NfacctClient | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -113,9 +117,10 @@ class Controller:
         self._prepare_host = prepare_host
         self._host_addresses = host_addresses
         self._conntrack = conntrack
-        #: After a family's first full sync: remove kube-proxy's nftables-mode table
-        #: (nftleftovers.remove_after_sync; True once done).
-        self._nftables_leftovers = nftables_leftovers
+        #: After a family's first full sync: remove the other modes' leftovers (iptables and
+        #: ipvs modes: nftables mode's table, nftleftovers.remove_after_sync; nftables mode:
+        #: iptables and ipvs modes' rules); True once done, False to retry after the next.
+        self._other_modes_leftovers = other_modes_leftovers
         self._clock = clock
         self.families: dict[IPFamily, FamilyProxier] = {}
         # nfacct counters exist only for iptables mode's rules and metrics (as upstream).
@@ -227,7 +232,7 @@ class Controller:
                 continue
             if not present and not fp.proxier.need_full_sync:
                 logger.warning(
-                    "canary chain gone: iptables flushed? forcing a full sync",
+                    "canary gone: rules flushed by someone? forcing a full sync",
                     ip_family=family.value,
                 )
                 fp.proxier.need_full_sync = True
@@ -284,6 +289,10 @@ class Controller:
             problems = self.tracker.take_problems()
             try:
                 rebuilt = self._prepare(changes)
+                if rebuilt or changes.service_cidrs_changed:
+                    cidrs = self.tracker.all_service_cidrs()
+                    for fp in self.families.values():
+                        fp.proxier.on_service_cidrs_changed(cidrs)
                 previous = {
                     family: dict(fp.states)
                     if changes.services is None
@@ -377,8 +386,20 @@ class Controller:
                 offending_lines=list(err.offending_lines),
             )
             raise
-        if result.full and not fp.nftables_leftovers_checked and self._nftables_leftovers:
-            fp.nftables_leftovers_checked = self._nftables_leftovers(fp.config.family)
+        except NftError as err:
+            self.metrics.nftables_sync_failures_total.labels(family).inc()
+            logger.error(
+                "nftables sync failed; next sync is a full one",
+                ip_family=family,
+                error=str(err),
+                offending_lines=list(err.offending_lines),
+            )
+            raise
+        if result.cleanup_failures:
+            self.metrics.nftables_cleanup_failures_total.labels(family).inc(result.cleanup_failures)
+            logger.error("unable to delete stale nftables chains; will retry", ip_family=family)
+        if result.full and not fp.leftovers_checked and self._other_modes_leftovers:
+            fp.leftovers_checked = self._other_modes_leftovers(fp.config.family)
         return result
 
     def _cleanup_conntrack(
@@ -462,6 +483,7 @@ class Controller:
             elapsed_s=round(elapsed, 4),
             **{f"{f.value}_restore_bytes": r.restore_bytes for f, r in results.items()},
             **{f"{f.value}_nat_rules": r.nat_rules for f, r in results.items()},
+            **{f"{f.value}_{k}": v for f, r in results.items() for k, v in r.details.items()},
         )
 
     def _sync_health_check_ports(self) -> None:

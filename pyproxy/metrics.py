@@ -247,7 +247,12 @@ class Metrics:
                 self.restore_bytes,
             ],
             "ipvs": [self.iptables_restore_failures_total, self.restore_bytes],
-            "nftables": [self.nftables_sync_failures_total, self.nftables_cleanup_failures_total],
+            "nftables": [
+                self.sync_full_proxy_rules_latency,
+                self.sync_partial_proxy_rules_latency,
+                self.nftables_sync_failures_total,
+                self.nftables_cleanup_failures_total,
+            ],
         }
         if nfacct is not None:
             # Upstream registers these only in iptables mode and only if nfacct.New() worked.

@@ -12,7 +12,9 @@ asks which one it has. A mode provides:
   result. A sync that raises has written nothing the proxier relies on: `need_full_sync` stays
   set, and the next sync is a full one. `canary_present()` tells whether the mode's rules
   are still there, or someone flushed them (iptables' KUBE-PROXY-CANARY chain; a mode
-  without a canary answers True).
+  without a canary answers True). `on_service_cidrs_changed(cidrs)` hands over the cluster's
+  ServiceCIDR ranges (networking.k8s.io/v1), as upstream's OnServiceCIDRsChanged: nftables
+  mode drops traffic to their unallocated addresses; the other modes ignore them.
 - a `ProxierFactory` building one from a family's `ProxierConfig` (the controller rebuilds the
   proxiers when the node's configuration changes);
 - a `LeftoverCleanup` for `--cleanup`, which runs every mode's, whatever mode was asked for
@@ -24,11 +26,11 @@ Nothing here does I/O.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pyproxy.model import NamespacedName
+from pyproxy.model import IPNetwork, NamespacedName
 from pyproxy.proxystate import LazyStates, ProxierConfig, ServiceStates
 
 #: Upstream's proxyutil.FullSyncPeriod: the iptables (and nftables) proxiers write everything
@@ -54,8 +56,12 @@ class SyncResult:
     #: Services written (a partial sync: the changed ones).
     services_written: int
     #: The mode's own figures for the log line (IPVS: virtual_servers, real_servers,
-    #: operations, draining, ipset_bytes), in the order they are logged.
+    #: operations, draining, ipset_bytes; nftables: chains, elements_added, elements_deleted,
+    #: stale_chains_flushed, stale_chains_deleted, transaction_bytes), in the order logged.
     details: Mapping[str, int] = field(default_factory=dict)
+    #: Non-fatal cleanup failures in this sync (nftables mode: deleting stale chains failed;
+    #: kube-proxy's sync_proxy_rules_nftables_cleanup_failures_total).
+    cleanup_failures: int = 0
 
 
 class Proxier(Protocol):
@@ -75,6 +81,10 @@ class Proxier(Protocol):
 
     def canary_present(self) -> bool:
         """Whether the rules are still there (False: flushed by someone; sync everything)."""
+        ...
+
+    def on_service_cidrs_changed(self, cidrs: Sequence[IPNetwork]) -> None:
+        """The cluster's ServiceCIDR ranges changed (used by the next sync, if at all)."""
         ...
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import structlog
 
@@ -33,7 +33,7 @@ from pyproxy.iptables.render import (
 )
 from pyproxy.iptables.restore import Iptables, canary_exists
 from pyproxy.iptables.vocabulary import is_service_chain, jump_rules
-from pyproxy.model import IPFamily, NamespacedName
+from pyproxy.model import IPFamily, IPNetwork, NamespacedName
 from pyproxy.proxier import FULL_SYNC_PERIOD, SyncResult
 from pyproxy.proxystate import (
     LazyStates,
@@ -77,6 +77,9 @@ class IptablesProxier:
         self._large = False
         self._last_full = -math.inf
         self.need_full_sync = True
+
+    def on_service_cidrs_changed(self, cidrs: Sequence[IPNetwork]) -> None:
+        """ServiceCIDRs matter to nftables mode only (as upstream's iptables/ipvs proxiers)."""
 
     def canary_present(self) -> bool:
         """Whether the KUBE-PROXY-CANARY chain of the last full sync is still there."""

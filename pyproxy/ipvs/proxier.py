@@ -196,6 +196,9 @@ class IpvsProxier:
         #: The last sync's diff, for logs and tests.
         self.last_diff: Diff | None = None
 
+    def on_service_cidrs_changed(self, cidrs: Sequence[IPNetwork]) -> None:
+        """ServiceCIDRs matter to nftables mode only (as upstream's iptables/ipvs proxiers)."""
+
     def canary_present(self) -> bool:
         """Whether the KUBE-PROXY-CANARY chain of the last full sync is still there."""
         return canary_exists(self.iptables)

@@ -16,14 +16,16 @@ once (after the chains using them have been flushed in the same transaction).
 Transaction order (one atomic batch): table; chains added and flushed (base, fixed, written
 service chains, stale ones); sets and maps declared (and, in a full sync, flushed); affinity
 sets deleted and (re)declared; rules; map and set elements deleted, then added.
+
+It implements the Proxier contract (pyproxy.proxier): `sync` returns the common SyncResult with
+this mode's figures in `details` (chains, elements added and deleted, stale chains flushed and
+deleted, transaction bytes), and `canary_present()` is the cheap `table_intact()` check.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 from pyproxy.errors import KernelError
 from pyproxy.model import IPNetwork, NamespacedName
@@ -45,29 +47,14 @@ from pyproxy.nftables.render import (
     render_base,
     render_service_port,
 )
+from pyproxy.proxier import FULL_SYNC_PERIOD, SyncResult
 from pyproxy.proxystate import LazyStates, ProxierConfig, ServicePortState
 
-#: Upstream's proxyutil.FullSyncPeriod: even without failures, write everything hourly.
-FULL_SYNC_PERIOD = 3600.0
 #: How long a stale chain waits before it is deleted (upstream: one second).
 STALE_CHAIN_DELAY = 1.0
 
 ServiceStates = Mapping[NamespacedName, tuple[ServicePortState, ...]]
 _ElementKey = tuple[str, str]  # (container, key text)
-
-
-@dataclass(frozen=True, slots=True)
-class SyncResult:
-    full: bool
-    transaction_bytes: int
-    services_written: int
-    chains_written: int
-    elements_added: int
-    elements_deleted: int
-    stale_chains_flushed: int
-    stale_chains_deleted: int
-    no_local_internal: int
-    no_local_external: int
 
 
 def _quote(text: str) -> str:
@@ -93,7 +80,7 @@ class NftablesProxier:
         self._reset()
 
     def _reset(self) -> None:
-        self._needs_full = True
+        self.need_full_sync = True
         self._last_full = -FULL_SYNC_PERIOD
         #: Base chains were re-created once (upstream's add+delete: picks up new priorities).
         self._recreated_base = False
@@ -115,7 +102,7 @@ class NftablesProxier:
         cidrs = tuple(cidrs)
         if cidrs != self._service_cidrs:
             self._service_cidrs = cidrs
-            self._needs_full = True
+            self.need_full_sync = True
 
     @property
     def stale_chains(self) -> Collection[str]:
@@ -135,25 +122,41 @@ class NftablesProxier:
         a full one."""
         now = self._clock()
         full = (
-            full or changed is None or self._needs_full or now - self._last_full >= FULL_SYNC_PERIOD
+            full
+            or changed is None
+            or self.need_full_sync
+            or now - self._last_full >= FULL_SYNC_PERIOD
         )
-        deleted = 0
+        deleted = cleanup_failures = 0
         if self._stale_chains:
             try:
                 deleted = self.delete_stale_chains(now=now)
             except KernelError:
-                # As upstream: not fatal; the full sync finds the chains again in the kernel.
+                # As upstream: not fatal (counted in nftables_cleanup_failures_total); the
+                # full sync finds the chains again in the kernel.
+                cleanup_failures = 1
                 full = True
-        self._needs_full = True  # until this sync has succeeded
+        self.need_full_sync = True  # until this sync has succeeded
         try:
             result = self._full_sync(states, now) if full else self._partial_sync(states, changed)
         except BaseException:
             self._stale_chains.clear()  # recomputed from the kernel by the full sync
             raise
-        self._needs_full = False
+        self.need_full_sync = False
         if full:
             self._last_full = now
-        return _with_deleted(result, deleted)
+        details = {**result.details, "stale_chains_deleted": deleted}
+        return SyncResult(
+            full=result.full,
+            restore_bytes=result.restore_bytes,
+            filter_rules=0,
+            nat_rules=0,
+            no_local_internal=result.no_local_internal,
+            no_local_external=result.no_local_external,
+            services_written=result.services_written,
+            details=details,
+            cleanup_failures=cleanup_failures,
+        )
 
     def delete_stale_chains(self, *, now: float | None = None, force: bool = False) -> int:
         """Delete the chains stale for at least STALE_CHAIN_DELAY (all of them with `force`),
@@ -173,6 +176,10 @@ class NftablesProxier:
         still dispatches through @service-ips. False after `nft flush ruleset`, a deleted table
         or a flushed table; the caller then asks for a full sync. Reads one chain only."""
         return self.nft.chain_has_rule(SERVICES, f"vmap @{SERVICE_IPS}")
+
+    def canary_present(self) -> bool:
+        """The Proxier contract's canary: `table_intact()`."""
+        return self.table_intact()
 
     def cleanup(self) -> None:
         """Delete our table (only ours: other tables in the family are untouched)."""
@@ -421,17 +428,23 @@ class NftablesProxier:
         deleted: int,
         stale: int,
     ) -> SyncResult:
+        size = len(text.encode())
         return SyncResult(
             full=full,
-            transaction_bytes=len(text.encode()),
-            services_written=services,
-            chains_written=chains,
-            elements_added=added,
-            elements_deleted=deleted,
-            stale_chains_flushed=stale,
-            stale_chains_deleted=0,
+            restore_bytes=size,
+            filter_rules=0,
+            nat_rules=0,
             no_local_internal=self._no_local_internal,
             no_local_external=self._no_local_external,
+            services_written=services,
+            details={
+                "chains": chains,
+                "elements_added": added,
+                "elements_deleted": deleted,
+                "stale_chains_flushed": stale,
+                "stale_chains_deleted": 0,
+                "transaction_bytes": size,
+            },
         )
 
     def element_count(self) -> int:
@@ -447,7 +460,3 @@ def _ports_of(
 ) -> tuple[ServicePortState, ...]:
     """One Service's ports from a plain mapping or a LazyStates (computed on first use)."""
     return states.get(name) if isinstance(states, LazyStates) else states.get(name, ())
-
-
-def _with_deleted(result: SyncResult, deleted: int) -> SyncResult:
-    return dataclasses.replace(result, stale_chains_deleted=deleted)

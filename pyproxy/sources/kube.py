@@ -10,6 +10,11 @@ What is watched, as kube-proxy's informers do (cmd/kube-proxy/app/server.go):
     Service        /api/v1/services                        !service-proxy-name,!headless
     EndpointSlice  /apis/discovery.k8s.io/v1/endpointslices  !service-proxy-name,!headless
     Node           /api/v1/nodes  fieldSelector=metadata.name=NODE
+    ServiceCIDR    /apis/networking.k8s.io/v1/servicecidrs  (nftables mode only)
+
+kube-proxy watches ServiceCIDRs for its nftables mode, which drops traffic to the addresses of
+the service ranges no Service has; the other modes have no use for them, so pyproxy lists them
+only there (and a cluster role without `servicecidrs` still works for the other modes).
 
 The consumer only records what changed (like upstream's OnServiceUpdate handlers); all work
 happens in the sync loop, which must not program anything before `has_synced()`.
@@ -37,7 +42,7 @@ from pyproxy.sources.watch import (
     ListWatch,
 )
 
-Kind = Literal["Service", "EndpointSlice", "Node"]
+Kind = Literal["Service", "EndpointSlice", "Node", "ServiceCIDR"]
 EventType = Literal["ADDED", "MODIFIED", "DELETED"]
 _EVENT_TYPES: Final[dict[str, EventType]] = {
     "ADDED": "ADDED",
@@ -52,12 +57,13 @@ objects (service.kubernetes.io/service-proxy-name) and headless ones are never e
 SERVICES_PATH: Final = "/api/v1/services"
 ENDPOINT_SLICES_PATH: Final = "/apis/discovery.k8s.io/v1/endpointslices"
 NODES_PATH: Final = "/api/v1/nodes"
+SERVICE_CIDRS_PATH: Final = "/apis/networking.k8s.io/v1/servicecidrs"
 
 
 class Consumer(Protocol):
     """Receives the raw API objects; implemented by the controller.
 
-    Calls come from three threads (one per kind), so the consumer is responsible for its own
+    Calls come from one thread per kind, so the consumer is responsible for its own
     locking. Keep the methods short (record the change, wake the sync loop): a slow consumer
     delays that kind's watch. `on_replace` runs with the cyclic GC paused (gcpause.gc_paused), so
     converting a big list right there is cheap. An exception makes that kind relist after a
@@ -154,7 +160,8 @@ class _KindHandler:
 
 
 class KubeSource:
-    """Lists and watches Services, EndpointSlices and this node's Node, feeding `consumer`.
+    """Lists and watches Services, EndpointSlices and this node's Node (and, with
+    `service_cidrs`, ServiceCIDRs), feeding `consumer`.
 
     `kubeconfig` None means in-cluster configuration. Loading the configuration happens here,
     so a bad kubeconfig fails at construction (ConfigError); nothing is requested before
@@ -171,6 +178,7 @@ class KubeSource:
         watch_timeout: float = 300.0,
         backoff: BackoffPolicy = DEFAULT_BACKOFF,
         page_size: int = LIST_PAGE_SIZE,
+        service_cidrs: bool = False,
     ) -> None:
         self.api = api if api is not None else connect(kubeconfig)
         self.node_name = node_name
@@ -196,10 +204,12 @@ class KubeSource:
             ),
             "Node": list_watch("Node", NODES_PATH, field_selector=f"metadata.name={node_name}"),
         }
+        if service_cidrs:
+            self.watches["ServiceCIDR"] = list_watch("ServiceCIDR", SERVICE_CIDRS_PATH)
         self._started = False
 
     def start(self) -> None:
-        """Start the three list+watch threads (daemon threads; returns at once)."""
+        """Start the list+watch threads, one per kind (daemon threads; returns at once)."""
         if self._started:
             raise RuntimeError("KubeSource already started")
         self._started = True

@@ -68,6 +68,8 @@ INTENDED_PERMISSIONS = {
     ("services", "watch"),
     ("endpointslices.discovery.k8s.io", "list"),
     ("endpointslices.discovery.k8s.io", "watch"),
+    ("servicecidrs.networking.k8s.io", "list"),
+    ("servicecidrs.networking.k8s.io", "watch"),
     ("nodes", "get"),
     ("nodes", "list"),
     ("nodes", "watch"),
@@ -98,12 +100,9 @@ DENIED = [
 KUBE_PROXY_USER = "system:kube-proxy"
 BASELINE_PLAIN_USER = "pyproxy-rbac-baseline-user"
 # What system:node-proxier grants that pyproxy deliberately does not (see clusterrole.yaml):
-# legacy Endpoints, and ServiceCIDRs (1.33+; read by kube-proxy's nftables mode only).
+# legacy Endpoints.
 LEGACY_ENDPOINTS = {("endpoints", "list"), ("endpoints", "watch")}
-NOT_TAKEN_FROM_NODE_PROXIER = LEGACY_ENDPOINTS | {
-    ("servicecidrs.networking.k8s.io", "list"),
-    ("servicecidrs.networking.k8s.io", "watch"),
-}
+NOT_TAKEN_FROM_NODE_PROXIER = LEGACY_ENDPOINTS
 
 KUBECTL_TIMEOUT = 60
 
@@ -389,7 +388,7 @@ def test_serviceaccount_permissions_are_exactly_the_intended_set(
     assert {(p.resource, p.verb) for p in granted} == INTENDED_PERMISSIONS
 
 
-def test_permissions_are_node_proxier_without_endpoints_and_servicecidrs(
+def test_permissions_are_node_proxier_without_endpoints(
     control_plane: Any, applied_manifests: Applied
 ) -> None:
     """Compare with upstream kube-proxy's ClusterRole as this very API server defines it."""
@@ -418,6 +417,7 @@ def test_serviceaccount_is_denied_beyond_the_intended_set(
         ("watch", "services"),
         ("list", "endpointslices.discovery.k8s.io"),
         ("watch", "endpointslices.discovery.k8s.io"),
+        ("watch", "servicecidrs.networking.k8s.io"),
         ("get", "nodes"),
         ("create", "events"),
         ("patch", "events.events.k8s.io"),

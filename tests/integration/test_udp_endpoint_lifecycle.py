@@ -28,10 +28,20 @@ SERVICE_IP, PORT, TARGET = "10.96.1.55", 53, 5353
 STEADY_PORT = 40055  # the client's flow: always this source port
 
 
-@pytest.fixture
-def agent(node_cluster: Cluster, control_plane: ControlPlane, tmp_path: Path) -> Iterator[Agent]:
+@pytest.fixture(params=["iptables", "nftables"])
+def agent(
+    request: pytest.FixtureRequest,
+    node_cluster: Cluster,
+    control_plane: ControlPlane,
+    tmp_path: Path,
+) -> Iterator[Agent]:
+    """The agent in each mode that deletes stale UDP flows (ipvs mode: tests/vm)."""
     with running_agent(
-        node_cluster, control_plane.server, control_plane.kubeconfig_proxy, tmp_path
+        node_cluster,
+        control_plane.server,
+        control_plane.kubeconfig_proxy,
+        tmp_path,
+        ["--proxy-mode", request.param],
     ) as a:
         yield a
 

@@ -238,7 +238,7 @@ def test_second_run_is_idempotent_and_a_removed_service_leaves_nothing(
     assert "/gone/" in table(c, "a") and "affinity-" in table(c, "a")
     logs = program(c, tmp_path, two, nodes=("a",))
     assert canonical_table(c, "a") == first
-    assert '"stale_chains":0' in logs[0], logs[0]
+    assert '"stale_chains_flushed":0' in logs[0], logs[0]
     # A restart keeps the affinity sets (and the clients they remember) when unchanged.
     assert name(tcp_ask(c.pod("a3"), "10.96.0.11", 80)) == "a2"
     assert "10.244.1.13" in table(c, "a")

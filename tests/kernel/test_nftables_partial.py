@@ -237,7 +237,7 @@ def test_partial_syncs_equal_a_full_render(seed: int, ns_a: str, ns_b: str) -> N
         clock[0] += 0.1  # stale chains stay until forced below
         result = proxier.sync(states, {NamespacedName("t", n) for n in changed})
         assert not result.full, step
-        partial_bytes.append(result.transaction_bytes)
+        partial_bytes.append(result.restore_bytes)
 
         # Stale chains are in the kernel, empty, until deleted.
         before = canonical(ns_a)
@@ -251,7 +251,7 @@ def test_partial_syncs_equal_a_full_render(seed: int, ns_a: str, ns_b: str) -> N
         full_render_into(ns_b, text)
         assert canonical(ns_a) == canonical(ns_b), f"step {step}, changed {sorted(changed)}"
     # Nothing changed, nothing written.
-    assert proxier.sync(desired_state(cluster, config), set()).transaction_bytes == 0
+    assert proxier.sync(desired_state(cluster, config), set()).restore_bytes == 0
     assert any(partial_bytes)
 
 

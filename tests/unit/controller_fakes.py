@@ -10,11 +10,11 @@ has succeeded) and records every call, so tests assert on what the controller as
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from pyproxy.controller import Controller
-from pyproxy.model import IPFamily, NamespacedName
+from pyproxy.model import IPFamily, IPNetwork, NamespacedName
 from pyproxy.options import ProxyOptions
 from pyproxy.proxier import SyncResult
 from pyproxy.proxystate import LazyStates, ProxierConfig, ServiceStates
@@ -79,6 +79,9 @@ class FakeProxier:
         self.fail: list[Exception] = []
         #: What canary_present answers (a test sets False to play "someone flushed iptables").
         self.canary = False
+        self.service_cidrs: tuple[IPNetwork, ...] = ()
+        #: What the next successful sync reports as non-fatal cleanup failures.
+        self.cleanup_failures = 0
         self._clock = clock
         self._sync_seconds = sync_seconds
 
@@ -118,7 +121,11 @@ class FakeProxier:
             no_local_internal=0,
             no_local_external=0,
             services_written=len(complete if decided or changed is None else changed),
+            cleanup_failures=self.cleanup_failures,
         )
+
+    def on_service_cidrs_changed(self, cidrs: Sequence[IPNetwork]) -> None:
+        self.service_cidrs = tuple(cidrs)
 
     def canary_present(self) -> bool:
         return self.canary

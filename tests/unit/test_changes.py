@@ -107,3 +107,36 @@ def test_only_this_nodes_node_object_counts() -> None:
         },
     )
     assert t.take().node_changed and t.node is not None and t.node.zone == "z1"
+
+
+def service_cidr(name: str, *cidrs: str) -> dict[str, object]:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": name},
+        "spec": {"cidrs": list(cidrs)},
+    }
+
+
+def test_service_cidrs_are_tracked_and_a_bad_one_is_skipped_and_named() -> None:
+    t = ChangeTracker("node-a")
+    t.replace("ServiceCIDR", [service_cidr("b", "10.97.0.0/24"), service_cidr("a", "10.96.0.0/16")])
+    first = t.take()
+    assert first.service_cidrs_changed
+    assert [str(c) for c in t.all_service_cidrs()] == ["10.96.0.0/16", "10.97.0.0/24"]
+    # The same list again is no change; no Service is marked either way.
+    t.replace("ServiceCIDR", [service_cidr("a", "10.96.0.0/16"), service_cidr("b", "10.97.0.0/24")])
+    again = t.take()
+    assert not again.service_cidrs_changed and again.services == set()
+
+    t.event("ServiceCIDR", "MODIFIED", service_cidr("b", "10.97.0.0/99"))
+    changes = t.take()
+    assert changes.service_cidrs_changed and changes.services == set()
+    assert [str(c) for c in t.all_service_cidrs()] == ["10.96.0.0/16"]
+    (problem,) = t.take_problems()
+    assert problem.kind == "ServiceCIDR" and problem.name == "b"
+
+    # A failed sync puts the change back.
+    t.event("ServiceCIDR", "DELETED", service_cidr("a", "10.96.0.0/16"))
+    t.requeue(t.take())
+    assert t.take().service_cidrs_changed and t.all_service_cidrs() == ()

@@ -15,7 +15,7 @@ import pytest
 from controller_fakes import Harness, make_controller
 from support import endpoint_slice, node, service
 
-from pyproxy.errors import RestoreError
+from pyproxy.errors import NftError, RestoreError
 from pyproxy.model import IPFamily, NamespacedName
 from pyproxy.proxier import FULL_SYNC_PERIOD
 
@@ -285,3 +285,54 @@ def test_stop_ends_the_threads_and_leaves_the_rules() -> None:
     assert not c._canary_thread.is_alive()
     # Stopping writes nothing: no sync, no proxier built (a proxier has no way to clean up).
     assert h.proxiers.built == []
+
+
+# --- nftables mode: ServiceCIDRs and its failure metrics ----------------------------------------
+
+
+def service_cidr(name: str, *cidrs: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": name},
+        "spec": {"cidrs": list(cidrs)},
+    }
+
+
+def test_service_cidrs_are_handed_to_the_proxiers_when_they_change() -> None:
+    h = make_controller(proxy_mode="nftables")
+    h.controller.on_replace("ServiceCIDR", [service_cidr("kubernetes", "10.96.0.0/16")])
+    first_lists(h)
+    h.controller.runner.step()
+    proxier = h.proxiers.current()
+    assert [str(c) for c in proxier.service_cidrs] == ["10.96.0.0/16"]
+
+    h.clock.advance(1.0)
+    h.controller.on_event("ServiceCIDR", "ADDED", service_cidr("extra", "10.100.0.0/24"))
+    h.controller.runner.step()
+    assert [str(c) for c in proxier.service_cidrs] == ["10.96.0.0/16", "10.100.0.0/24"]
+    # The change alone asks for a sync, which re-renders no Service.
+    assert h.proxiers.calls()[-1].changed == frozenset()
+
+    h.clock.advance(1.0)
+    h.controller.on_replace("ServiceCIDR", [service_cidr("extra", "10.100.0.0/24")])
+    h.controller.runner.step()
+    assert [str(c) for c in proxier.service_cidrs] == ["10.100.0.0/24"]
+
+
+def test_nftables_failures_are_counted_as_upstream() -> None:
+    h = synced(proxy_mode="nftables")
+    metrics = h.controller.metrics
+    h.proxiers.current().fail.append(NftError("nft -f failed", ("add rule x",)))
+    modify(h, endpoint_slice("demo", "web", ["10.244.1.20"]))
+    h.controller.runner.step()
+    assert metrics.nftables_sync_failures_total.labels("IPv4")._value.get() == 1
+    assert metrics.iptables_restore_failures_total.labels("IPv4")._value.get() == 0
+
+    # A stale chain deletion that failed is not a failed sync, but counted on its own.
+    h.proxiers.current().cleanup_failures = 1
+    h.clock.advance(30.0)
+    h.controller.runner.step()
+    assert len(h.proxiers.calls()) == 3
+    assert metrics.nftables_cleanup_failures_total.labels("IPv4")._value.get() == 1
+    assert metrics.nftables_sync_failures_total.labels("IPv4")._value.get() == 1

@@ -53,6 +53,8 @@ IPTABLES = {
     "pyproxy_sync_restore_bytes": "gauge",
 }
 NFTABLES = {
+    "kubeproxy_sync_full_proxy_rules_duration_seconds": "histogram",
+    "kubeproxy_sync_partial_proxy_rules_duration_seconds": "histogram",
     "kubeproxy_sync_proxy_rules_nftables_sync_failures_total": "counter",
     "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total": "counter",
 }

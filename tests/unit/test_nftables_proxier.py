@@ -8,6 +8,7 @@ not on how many Services exist, and an unchanged sync sends nothing.
 from __future__ import annotations
 
 from pyproxy.convert import state_from_objects
+from pyproxy.errors import NftError
 from pyproxy.model import NamespacedName
 from pyproxy.nftables.nft import Nft, TableNames
 from pyproxy.nftables.proxier import NftablesProxier
@@ -75,7 +76,7 @@ def partial_bytes(n: int) -> tuple[int, int, str]:
     cluster, _ = state_from_objects(objects(n, endpoint_of_first="10.250.0.2"))
     result = proxier.sync(desired_state(cluster, config), {NamespacedName("t", "svc00000")})
     assert full.full and not result.full
-    return full.transaction_bytes, result.transaction_bytes, nft.transactions[-1]
+    return full.restore_bytes, result.restore_bytes, nft.transactions[-1]
 
 
 def test_partial_sync_bytes_do_not_depend_on_the_number_of_services() -> None:
@@ -99,7 +100,7 @@ def test_unchanged_sync_sends_nothing() -> None:
     states = desired_state(cluster, config)
     proxier.sync(states, None)
     result = proxier.sync(states, {NamespacedName("t", "svc00001")})
-    assert result.transaction_bytes == 0 and len(nft.transactions) == 1
+    assert result.restore_bytes == 0 and len(nft.transactions) == 1
 
 
 def test_removed_service_deletes_its_elements_and_flushes_its_chains() -> None:
@@ -122,7 +123,7 @@ def test_removed_service_deletes_its_elements_and_flushes_its_chains() -> None:
     assert set(proxier.stale_chains) == stale  # less than a second: kept
     clock[0] += 1.0
     result = proxier.sync(desired_state(cluster, config), set())
-    assert result.stale_chains_deleted == 3 and not proxier.stale_chains
+    assert result.details["stale_chains_deleted"] == 3 and not proxier.stale_chains
     assert all(f"delete chain ip kube-proxy {c}" in nft.transactions[-1] for c in stale)
 
 
@@ -186,3 +187,33 @@ def test_lazy_states_give_the_same_transactions() -> None:
     slices = slices_by_service(cluster.endpoint_slices.values())
     NftablesProxier(config, lazy).sync(LazyStates(cluster.services, slices, config, {}), None)
     assert plain.transactions == lazy.transactions
+
+
+class FailingDeletes(FakeNft):
+    """`delete chain` transactions fail (a kernel that still holds a reference)."""
+
+    def run(self, transaction: str) -> None:
+        if transaction.startswith("delete chain"):
+            raise NftError("nft -f failed: Device or resource busy")
+        super().run(transaction)
+
+
+def test_a_failed_stale_chain_deletion_is_reported_and_the_sync_goes_full() -> None:
+    """As upstream: not a failed sync (the controller counts it in
+    nftables_cleanup_failures_total), but the sync becomes a full one, which finds the
+    chains again in the kernel."""
+    (config,) = proxier_configs(parse_options(ARGS), None, ())
+    nft = FailingDeletes()
+    clock = [0.0]
+    proxier = NftablesProxier(config, nft, clock=lambda: clock[0])
+    cluster, _ = state_from_objects(objects(3, endpoint_of_first="10.250.0.1"))
+    assert proxier.canary_present() is False  # nothing in the (fake) kernel
+    proxier.sync(desired_state(cluster, config), None)
+    cluster, _ = state_from_objects(objects(3, endpoint_of_first="10.250.0.1")[2:])
+    first = proxier.sync(desired_state(cluster, config), {NamespacedName("t", "svc00000")})
+    assert first.cleanup_failures == 0 and first.details["stale_chains_flushed"] == 3
+    clock[0] += 2.0
+    result = proxier.sync(desired_state(cluster, config), set())
+    assert result.cleanup_failures == 1 and result.full
+    assert result.details["stale_chains_deleted"] == 0
+    assert not proxier.need_full_sync

@@ -29,7 +29,7 @@ from support import (
     update_golden_requested,
 )
 
-from pyproxy.model import Protocol
+from pyproxy.model import IPFamily, Protocol
 from pyproxy.nftables.render import (
     endpoint_chain_name_base,
     is_service_chain_name,
@@ -385,11 +385,16 @@ def test_service_cidrs_of_other_family_are_ignored() -> None:
     assert "ip daddr { 172.30.0.0/16,172.50.0.0/16 } drop" in text
 
 
-def test_agent_mode_refuses_nftables_instead_of_falling_back() -> None:
-    """Until the agent is wired to NftablesProxier, it must not program iptables instead."""
-    from pyproxy.cli import main
+def test_agent_builds_nftables_proxiers_in_nftables_mode() -> None:
+    """The agent's factory builds NftablesProxier (never iptables rules) in nftables mode."""
+    from pyproxy.cli import proxier_factory
+    from pyproxy.nftables.proxier import NftablesProxier
+    from pyproxy.options import parse_options
+    from pyproxy.proxystate import ProxierConfig
 
-    assert main(["--proxy-mode", "nftables", "--hostname-override", "n"]) == 2
+    options = parse_options(["--proxy-mode", "nftables", "--hostname-override", "n"])
+    proxier = proxier_factory(options, "nft")(ProxierConfig(IPFamily.IPv4, "n"))
+    assert isinstance(proxier, NftablesProxier)
 
 
 def test_service_cidr_objects_are_validated() -> None:
