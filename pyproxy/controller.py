@@ -90,8 +90,10 @@ class FamilyProxier:
     conntrack: ConntrackCleaner | None = None
     #: The family's current desired state (a ServiceStates the sync keeps up to date).
     states: dict[NamespacedName, tuple[ServicePortState, ...]] = field(default_factory=dict)
-    #: A conntrack cleanup failed: retry it after the next sync.
-    conntrack_pending: bool = False
+    #: A conntrack cleanup failed: the `previous` states it was given, kept (merged with those
+    #: of later syncs, a Service's oldest state winning) until a cleanup succeeds, so a flow to
+    #: an endpoint of a Service changed or deleted in the failed sync is still judged stale.
+    conntrack_pending: dict[NamespacedName, tuple[ServicePortState, ...]] | None = None
     #: The other modes' leftovers of this family have been looked for and are gone.
     leftovers_checked: bool = False
 
@@ -413,7 +415,9 @@ class Controller:
         Service had no endpoints, in the same sync (upstream's conntrack cleanup)."""
         if fp.conntrack is None:
             return
-        if changes.services is not None and not fp.conntrack_pending:
+        if fp.conntrack_pending is not None:
+            previous = {**previous, **fp.conntrack_pending}
+        elif changes.services is not None:
             # A partial sync: `previous` holds the changed Services. Judge them on the map the
             # flows are judged by: the endpoints the rules use miss an endpoint that left the
             # rules while still serving and is removed later.
@@ -423,10 +427,10 @@ class Controller:
         try:
             result = fp.conntrack.clean(previous=previous, current=fp.states)
         except PyproxyError as err:
-            fp.conntrack_pending = True
+            fp.conntrack_pending = dict(previous)
             logger.warning("conntrack cleanup failed", ip_family=family.value, error=str(err))
             return
-        fp.conntrack_pending = False
+        fp.conntrack_pending = None
         self.metrics.conntrack_reconciler_latency.labels(family.value).observe(result.seconds)
         self.metrics.conntrack_reconciler_deleted_total.labels(family.value).inc(result.deleted)
         if result.deleted:

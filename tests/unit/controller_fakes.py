@@ -10,14 +10,16 @@ has succeeded) and records every call, so tests assert on what the controller as
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from pyproxy.controller import Controller
+from pyproxy.conntrack import CleanupResult
+from pyproxy.controller import ConntrackCleaner, Controller
+from pyproxy.errors import KernelError
 from pyproxy.model import IPFamily, IPNetwork, NamespacedName
 from pyproxy.options import ProxyOptions
 from pyproxy.proxier import SyncResult
-from pyproxy.proxystate import LazyStates, ProxierConfig, ServiceStates
+from pyproxy.proxystate import LazyStates, ProxierConfig, ServicePortState, ServiceStates
 
 
 class FakeClock:
@@ -168,6 +170,27 @@ class FakeHost:
         return configs
 
 
+class RecordingCleaner:
+    """A conntrack cleaner that records the Services of `previous` each cleanup was given; the
+    cleanups numbered in `failing` (0 = the first) fail as a netlink error would."""
+
+    def __init__(self, family: IPFamily, failing: Collection[int] = ()) -> None:
+        self.family = family
+        self.failing = failing
+        self.calls: list[set[NamespacedName]] = []
+
+    def clean(
+        self,
+        *,
+        previous: Mapping[NamespacedName, tuple[ServicePortState, ...]],
+        current: Mapping[NamespacedName, tuple[ServicePortState, ...]],
+    ) -> CleanupResult:
+        self.calls.append(set(previous))
+        if len(self.calls) - 1 in self.failing:
+            raise KernelError("conntrack dump: No buffer space available")
+        return CleanupResult(self.family, 0, 0, 0, False, 0.0)
+
+
 @dataclass
 class Harness:
     controller: Controller
@@ -185,6 +208,7 @@ def make_controller(
     sync_seconds: float = 0.0,
     node_name: str = "node-a",
     host_addresses: tuple[str, ...] = (),
+    conntrack: Callable[[IPFamily], ConntrackCleaner] | None = None,
 ) -> Harness:
     """A controller on fakes; the HTTP servers are disabled (empty bind addresses)."""
     options = ProxyOptions(
@@ -205,6 +229,7 @@ def make_controller(
         source_factory=lambda _c: source,
         host_addresses=host.host_addresses,
         prepare_host=host.prepare,
+        conntrack=conntrack,
         clock=clock,
     )
     return Harness(controller, clock, source, proxiers, host)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from controller_fakes import Harness, make_controller
-from support import endpoint_slice, node, service
+from controller_fakes import Harness, RecordingCleaner, make_controller
+from support import endpoint_slice, node, port, service, slice_port
 
 from pyproxy.errors import NftError, RestoreError
 from pyproxy.model import IPFamily, NamespacedName
@@ -336,3 +336,46 @@ def test_nftables_failures_are_counted_as_upstream() -> None:
     assert len(h.proxiers.calls()) == 3
     assert metrics.nftables_cleanup_failures_total.labels("IPv4")._value.get() == 1
     assert metrics.nftables_sync_failures_total.labels("IPv4")._value.get() == 1
+
+
+# --- conntrack cleanup ----------------------------------------------------------------------
+
+
+def test_a_failed_cleanup_is_retried_with_the_services_of_the_failed_sync() -> None:
+    """A Service deleted in a sync whose conntrack cleanup failed must still be judged by the
+    retry in a later sync that changed something else: its flows point at endpoints that
+    exist nowhere any more."""
+    cleaners: list[RecordingCleaner] = []
+
+    def cleaner(family: IPFamily) -> RecordingCleaner:
+        cleaners.append(RecordingCleaner(family, failing={1}))
+        return cleaners[-1]
+
+    dns = [port("dns", 53, "UDP")]
+    h = make_controller(conntrack=cleaner)
+    first_lists(
+        h,
+        [
+            *web("10.244.1.10"),
+            service("demo", "api", "10.96.0.11", dns),
+            endpoint_slice("demo", "api", ["10.244.1.11"], [slice_port("dns", 53, "UDP")]),
+        ],
+    )
+    h.controller.runner.step()
+    (ct,) = cleaners
+    assert len(ct.calls) == 1  # the first sync always cleans
+    h.clock.advance(h.controller.options.min_sync_period)
+
+    h.controller.on_event("Service", "DELETED", service("demo", "api", "10.96.0.11", dns))
+    h.controller.runner.step()
+    assert ct.calls[1] == {API}  # this cleanup fails
+    h.clock.advance(h.controller.options.min_sync_period)
+
+    modify(h, endpoint_slice("demo", "web", ["10.244.1.12"]))
+    h.controller.runner.step()
+    assert ct.calls[2] == {API, WEB}  # the retry still judges the deleted Service
+    h.clock.advance(h.controller.options.min_sync_period)
+
+    modify(h, endpoint_slice("demo", "web", ["10.244.1.13"]))
+    h.controller.runner.step()
+    assert len(ct.calls) == 3  # nothing pending; a TCP-only change needs no cleanup
