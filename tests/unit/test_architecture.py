@@ -122,3 +122,10 @@ def test_long_pure_core_functions_say_why_in_their_docstring() -> None:
                 unexplained.append(f"{module}.{node.name}")
     assert unexplained == []
     assert not {"PLR0912", "PLR0915"} & set(config["tool"]["ruff"]["lint"]["ignore"])
+
+
+def test_test_files_have_unique_basenames() -> None:
+    """pytest's default import mode imports test files by basename: two tiers with a
+    `test_x.py` each break collection of the whole suite (it happened twice)."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
