@@ -129,3 +129,28 @@ def categorize_endpoints(
     merged.update((ep.endpoint, ep) for ep in local)
     all_reachable = tuple(sorted(merged.values(), key=lambda e: e.endpoint))
     return CategorizedEndpoints(cluster, local, all_reachable, has_any, mode)
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPaths:
+    """Where internal and external traffic to one service port go, for every renderer:
+    the Local policy chain (`*_local`) or the Cluster one, and whether it finds an endpoint
+    there (`has_*`; without one it is rejected or dropped)."""
+
+    internal_local: bool
+    has_internal: bool
+    external_local: bool
+    has_external: bool
+
+
+def traffic_paths(info: ServicePortInfo, categorized: CategorizedEndpoints) -> TrafficPaths:
+    """The internal/external traffic policies applied to `categorized` (upstream's proxiers
+    each compute this inline; iptables and nftables modes share it here)."""
+    has_endpoints = categorized.has_any
+    has_local = bool(categorized.local)
+    return TrafficPaths(
+        internal_local=info.internal_policy_local,
+        has_internal=has_endpoints and (has_local or not info.internal_policy_local),
+        external_local=info.external_policy_local,
+        has_external=has_endpoints and (has_local or not info.external_policy_local),
+    )

@@ -58,6 +58,7 @@ from pyproxy.iptables.vocabulary import (
     service_chain,
 )
 from pyproxy.model import IPFamily
+from pyproxy.policy import traffic_paths
 from pyproxy.proxystate import (
     LARGE_CLUSTER_ENDPOINTS_THRESHOLD,
     LOCALHOST_NODEPORT_ACCEPTED_NFACCT_COUNTER,
@@ -163,16 +164,11 @@ def render_service_port(  # noqa: PLR0912, PLR0915 - reason in the docstring
     uses_local_policy_chain = bool(cat.local) and info.uses_local_endpoints
 
     has_endpoints = cat.has_any
-    internal_chain = cluster_policy_chain
-    has_internal = has_endpoints
-    if info.internal_policy_local:
-        internal_chain = local_policy_chain
-        has_internal = has_internal and bool(cat.local)
-    external_policy_chain = cluster_policy_chain
-    has_external = has_endpoints
-    if info.external_policy_local:
-        external_policy_chain = local_policy_chain
-        has_external = has_external and bool(cat.local)
+    paths = traffic_paths(info, cat)
+    internal_chain = local_policy_chain if paths.internal_local else cluster_policy_chain
+    has_internal = paths.has_internal
+    external_policy_chain = local_policy_chain if paths.external_local else cluster_policy_chain
+    has_external = paths.has_external
 
     # The EXT chain also carries the local-traffic short-circuit, so it exists whenever any
     # endpoint does, even without externally usable ones.

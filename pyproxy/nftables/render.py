@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from pyproxy.model import IPFamily, IPNetwork
+from pyproxy.policy import traffic_paths
 from pyproxy.proxystate import ProxierConfig, ServicePortState
 from pyproxy.serviceport import EndpointInfo, ServicePortName
 
@@ -463,16 +464,11 @@ def render_service_port(state: ServicePortState, config: ProxierConfig) -> Servi
     uses_local_policy_chain = bool(cat.local) and info.uses_local_endpoints
 
     has_endpoints = cat.has_any
-    internal_chain = cluster_policy_chain
-    has_internal = has_endpoints
-    if info.internal_policy_local:
-        internal_chain = local_policy_chain
-        has_internal = has_internal and bool(cat.local)
-    external_policy_chain = cluster_policy_chain
-    has_external = has_endpoints
-    if info.external_policy_local:
-        external_policy_chain = local_policy_chain
-        has_external = has_external and bool(cat.local)
+    paths = traffic_paths(info, cat)
+    internal_chain = local_policy_chain if paths.internal_local else cluster_policy_chain
+    has_internal = paths.has_internal
+    external_policy_chain = local_policy_chain if paths.external_local else cluster_policy_chain
+    has_external = paths.has_external
 
     # The external chain carries the local-traffic short-circuits, so it exists whenever any
     # endpoint does, even without externally usable ones.
